@@ -87,5 +87,5 @@ def converted_separate(tiny_separate: tuple[Path, Path], tmp_path_factory: pytes
     from convert.pipeline import convert
 
     folder, tower = tiny_separate
-    return convert(str(folder), tmp_path_factory.mktemp("gguf-sep"), quant=["Q4_K_M"], vision_tower=tower,
+    return convert(str(folder), tmp_path_factory.mktemp("gguf-sep"), quant=["Q4_K_M", "F32"], vision_tower=tower,
                    mmproj_type="f32")

@@ -43,9 +43,10 @@ def _root(
 
 
 def _register() -> None:
-    from pulse_edge.cli import convert
+    from pulse_edge.cli import convert, inspect
 
     app.command(name="convert")(convert.convert_command)
+    app.command(name="inspect")(inspect.inspect_command)
 
 
 _register()

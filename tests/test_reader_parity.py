@@ -1,0 +1,151 @@
+"""The engine end to end against LLaVA's own pipeline (transformers + llava-torch) on the tiny model.
+
+For each image: the token ids and the image rows the language model receives equal the reference's,
+the first-token logits match within a stated tolerance, and the greedy continuation is the same.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pulse_edge.model import resolve
+from pulse_edge.reader import Generation, Reader
+from tests import images, reference_llava
+
+QUESTION = "What are the main findings of this ECG?"
+IMAGES: dict[str, Callable[[], Image.Image]] = {
+    "landscape-synthetic": lambda: images.synthetic(1000, 600),
+    "portrait-synthetic": lambda: images.synthetic(500, 900, seed=1),
+    "strip-synthetic": lambda: images.synthetic(2400, 240, seed=2),
+    "small-synthetic": lambda: images.synthetic(200, 150, seed=3),
+    "dicom-12-lead": images.dicom_page,
+    "scan-ecg00001": lambda: images.scan("ecg00001.png"),
+    "scan-ecg00010-rgba": lambda: images.scan("ecg00010.png"),
+    "scan-ecg00008-photo": lambda: images.scan("ecg00008.jpg"),
+}
+# Image rows: numpy float32 CLIP against torch float32 CLIP, the same weights; only summation order
+# and the erf approximation (< 1e-7) differ, so 1e-4 relative to the rows' largest value is generous.
+ROWS_RTOL = 1e-4
+# First-token logits with the F32 model and an f32 KV cache: float32 on both sides over ~3,000 positions.
+LOGITS_ATOL = {"F32": 2e-3, "F16": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def readers(converted_tiny, converted_separate):  # type: ignore[no-untyped-def]
+    made = {
+        ("flat", "F32"): Reader(resolve(converted_tiny.folder, "F32"), kv_type="f32", threads=2),
+        ("flat", "F16"): Reader(resolve(converted_tiny.folder, "F16"), kv_type="f32", threads=2),
+        ("spatial_unpad", "F32"): Reader(resolve(converted_separate.folder, "F32"), kv_type="f32", threads=2),
+    }
+    yield made
+    for reader in made.values():
+        reader.close()
+
+
+def our_logits(reader: Reader, image: Image.Image, question: str) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
+    prepared = reader.prepare(image, question)
+    llm = reader.llm
+    llm.ensure_context(len(prepared.prefix_ids) + len(prepared.image_rows) + len(prepared.suffix_ids) + 32)
+    llm.truncate(0)
+    llm.feed_tokens(prepared.prefix_ids)
+    llm.feed_embeddings(prepared.image_rows)
+    llm.feed_tokens(prepared.suffix_ids)
+    return llm.logits().astype(np.float64), prepared.prefix_ids, prepared.image_rows, prepared.suffix_ids
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_inputs_logits_and_greedy_text_equal_llava(readers, tiny_checkpoint: Path, tiny_separate, name: str) -> None:  # type: ignore[no-untyped-def]
+    image = IMAGES[name]()
+    ref = reference_llava.llava_inputs(tiny_checkpoint, tiny_separate[1], image, QUESTION)
+    reader = readers[("flat", "F32")]
+    logits, prefix, rows, suffix = our_logits(reader, image, QUESTION)
+    # 1. the same token ids on both sides of the image
+    at = ref.ids.index(reference_llava.IMAGE_TOKEN_INDEX)
+    assert (prefix, suffix) == (ref.ids[:at], ref.ids[at + 1:])
+    # 2. the same image rows, in the same order
+    expected_rows = ref.image_rows.numpy()
+    assert rows.shape == expected_rows.shape
+    assert np.abs(rows - expected_rows).max() <= ROWS_RTOL * np.abs(expected_rows).max()
+    # 3. first-token logits
+    expected = reference_llava.logits(tiny_checkpoint, ref.embeds).double().numpy()
+    assert np.abs(logits - expected).max() <= LOGITS_ATOL["F32"]
+    assert expected.std() > 0.1
+    # 4. the greedy continuation, through the public read() path
+    reading = reader.read(image, [QUESTION], generation=Generation(max_tokens=16))
+    assert reading.answers[0].token_ids == reference_llava.greedy(tiny_checkpoint, ref.embeds, 16)
+    assert reading.image_tokens == len(expected_rows)
+
+
+@pytest.mark.parametrize("name", ["landscape-synthetic", "scan-ecg00001"])
+def test_f16_model_matches_the_reference_within_f16_rounding(readers, tiny_checkpoint: Path, tiny_separate,  # type: ignore[no-untyped-def]
+                                                             name: str) -> None:
+    image = IMAGES[name]()
+    ref = reference_llava.llava_inputs(tiny_checkpoint, tiny_separate[1], image, QUESTION)
+    logits, *_ = our_logits(readers[("flat", "F16")], image, QUESTION)
+    expected = reference_llava.logits(tiny_checkpoint, ref.embeds).double().numpy()
+    assert np.abs(logits - expected).max() <= LOGITS_ATOL["F16"]
+    assert int(logits.argmax()) == int(expected.argmax())
+
+
+@pytest.mark.parametrize("name", ["landscape-synthetic", "strip-synthetic", "dicom-12-lead"])
+def test_spatial_unpad_inputs_and_greedy_text_equal_llava(readers, tiny_separate, name: str) -> None:  # type: ignore[no-untyped-def]
+    folder, tower = tiny_separate
+    image = IMAGES[name]()
+    ref = reference_llava.llava_inputs(folder, tower, image, QUESTION)
+    reader = readers[("spatial_unpad", "F32")]
+    logits, prefix, rows, suffix = our_logits(reader, image, QUESTION)
+    assert rows.shape == tuple(ref.image_rows.shape)
+    assert np.abs(rows - ref.image_rows.numpy()).max() <= ROWS_RTOL * float(ref.image_rows.abs().max())
+    expected = reference_llava.logits(folder, ref.embeds).double().numpy()
+    assert np.abs(logits - expected).max() <= LOGITS_ATOL["F32"]
+    reading = reader.read(image, [QUESTION], generation=Generation(max_tokens=16))
+    assert reading.answers[0].token_ids == reference_llava.greedy(folder, ref.embeds, 16)
+
+
+def test_prompt_is_llavas_llava_v1_prompt_single_and_multi_turn() -> None:
+    from pulse_edge.prompt import render
+
+    turns: list[tuple[str, str | None]] = [("Is this normal?", None)]
+    assert render(turns) == reference_llava.llava_prompt(turns)
+    turns = [("Is this normal?", "No."), ("Why?", "ST elevation."), ("Where?", None)]
+    assert render(turns) == reference_llava.llava_prompt(turns)
+
+
+def test_a_second_question_reuses_the_image_and_answers_as_a_fresh_read(readers, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    reader = readers[("flat", "F32")]
+    image = IMAGES["scan-ecg00010-rgba"]()
+    calls: list[int] = []
+    embed = reader.vision.embed
+    monkeypatch.setattr(reader.vision, "embed", lambda img: calls.append(1) or embed(img))
+    first, second = "What are the main findings of this ECG?", "Is there atrial fibrillation?"
+    both = reader.read(image, [first, second], generation=Generation(max_tokens=16))
+    assert len(calls) == 1  # one vision pass for two questions
+    alone = reader.read(image, [second], generation=Generation(max_tokens=16))
+    assert both.answers[1].token_ids == alone.answers[0].token_ids
+    assert both.answers[1].text == alone.answers[0].text
+    # the second question prefilled only its own tokens, not the ~2,900 of the image
+    suffix = reader.prompt_pieces(second)[1]
+    assert both.answers[1].prefill_tokens == len(suffix) < 40
+    assert both.timings["image_prefill_s"] > 5 * both.answers[1].prefill_s
+
+
+def test_context_too_small_names_the_numbers(readers) -> None:  # type: ignore[no-untyped-def]
+    from pulse_edge.errors import InferenceError
+
+    reader = readers[("flat", "F32")]
+    with pytest.raises(InferenceError) as caught:
+        reader.read(IMAGES["landscape-synthetic"](), [QUESTION], generation=Generation(max_tokens=4000))
+    message = str(caught.value)
+    assert message.startswith("This image needs 2880 tokens, the prompt ")
+    assert "more than the model's context of 4096. Lower --max-tokens to " in message
+
+
+def test_network_connections_are_refused() -> None:
+    with pytest.raises(OSError, match="network access blocked in tests"):
+        socket.create_connection(("127.0.0.1", 9), timeout=1)

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 
 from convert.checkpoint import TensorStore, read_json
+from convert.safetensors import f32_to_bf16_bits
 from convert.tokenizer import Vocabulary
 from pulse_edge.errors import ConversionError
 from pulse_edge.prompt import LLAVA_V1, jinja_chat_template
@@ -36,7 +37,12 @@ LAYER_TENSORS = {
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
 
-FILE_TYPES = {"F32": (gguf.LlamaFileType.ALL_F32, np.float32), "F16": (gguf.LlamaFileType.MOSTLY_F16, np.float16)}
+# Types written straight from the checkpoint: file type, numpy storage dtype, GGML tensor type of 2-D weights.
+FILE_TYPES = {
+    "F32": (gguf.LlamaFileType.ALL_F32, np.float32, gguf.GGMLQuantizationType.F32),
+    "F16": (gguf.LlamaFileType.MOSTLY_F16, np.float16, gguf.GGMLQuantizationType.F16),
+    "BF16": (gguf.LlamaFileType.MOSTLY_BF16, np.uint16, gguf.GGMLQuantizationType.BF16),
+}
 
 
 @dataclass(frozen=True)
@@ -178,8 +184,8 @@ def write_language_model(
     extra: dict[str, str],
     progress: Callable[[int], None],
 ) -> None:
-    """Stream every tensor of the language model into a F32 or F16 GGUF at ``path``."""
-    ftype, dtype = FILE_TYPES[file_type]
+    """Stream every tensor of the language model into a F32, F16 or BF16 GGUF at ``path``."""
+    ftype, dtype, matrix_type = FILE_TYPES[file_type]
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name(name)
     writer.add_file_type(int(ftype))
@@ -217,20 +223,23 @@ def write_language_model(
     shapes = shape.tensor_shapes()
     for hf, gg in plan:
         # 1-D tensors (norms) stay F32 as llama.cpp expects.
-        out = np.float32 if len(shapes[hf]) == 1 else dtype
-        writer.add_tensor_info(gg, shapes[hf], np.dtype(out), int(np.prod(shapes[hf])) * np.dtype(out).itemsize)
+        out, kind = (np.float32, gguf.GGMLQuantizationType.F32) if len(shapes[hf]) == 1 else (dtype, matrix_type)
+        nbytes = int(np.prod(shapes[hf])) * np.dtype(out).itemsize
+        writer.add_tensor_info(gg, shapes[hf], np.dtype(np.float32), nbytes, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for hf, _ in plan:
         data = store.load(hf, shapes[hf])
         out_dtype = np.float32 if data.ndim == 1 else dtype
-        converted = _transform(hf, data, shape).astype(out_dtype)
+        permuted = _transform(hf, data, shape)
+        # bf16 -> f32 was exact, so rounding back to bf16 returns the checkpoint's own bits.
+        converted = f32_to_bf16_bits(permuted) if out_dtype == np.uint16 else permuted.astype(out_dtype)
         if out_dtype == np.float16 and not np.isfinite(converted).all():
             raise ConversionError(
                 f"{store.entry(hf).file}: tensor {hf} has values beyond float16's range; convert with --quant F32."
             )
         writer.write_tensor_data(np.ascontiguousarray(converted))
         progress(store.entry(hf).nbytes)
-        del data, converted
+        del data, permuted, converted
     writer.close()

@@ -201,9 +201,10 @@ def _write_all(
     )
     lm_args = dict(store=store, shape=shape, vocab=vocab, folder=folder, config=config, name=name, extra=extra)
     quantised = [q for q in quants if q not in WRITTEN_DIRECTLY]
-    if "F32" in quants:
-        language.write_language_model(outputs.temp(lm_paths["F32"]), file_type="F32",
-                                      progress=tick("F32", lm_bytes), **lm_args)  # type: ignore[arg-type]
+    for direct in ("F32", "BF16"):
+        if direct in quants:
+            language.write_language_model(outputs.temp(lm_paths[direct]), file_type=direct,
+                                          progress=tick(direct, lm_bytes), **lm_args)  # type: ignore[arg-type]
     if quantised or "F16" in quants or keep_f16:
         f16_tmp = outputs.temp(f16_path)
         language.write_language_model(f16_tmp, file_type="F16", progress=tick("F16", lm_bytes),

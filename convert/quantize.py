@@ -9,9 +9,11 @@ from pathlib import Path
 from pulse_edge.errors import ConversionError
 from pulse_edge.native import llama_cpp
 
-# --quant name -> llama_ftype (llama.h). F32 and F16 are written directly, never quantised.
-FTYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2}
-WRITTEN_DIRECTLY = ("F32", "F16")
+# --quant name -> llama_ftype (llama.h). F32, F16 and BF16 are written straight from the checkpoint; the
+# others are quantised from the F16 intermediate (bf16 values are exact in f16 except the subnormal ones,
+# |x| < 6.1e-5, which move by less than 3e-8).
+FTYPES = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2}
+WRITTEN_DIRECTLY = ("F32", "F16", "BF16")
 
 
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:

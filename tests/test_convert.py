@@ -231,3 +231,41 @@ def test_separate_tower_converts_to_the_same_vision_weights(converted_tiny, conv
         assert np.array_equal(a[name], b[name].astype(a[name].dtype)), name
     assert field_value(separate, "clip.vision.mm_patch_merge_type") == "spatial_unpad"
     assert {t.tensor_type for t in separate.tensors} == {Q.F32}
+
+
+def test_bf16_language_model_holds_the_checkpoint_values_exactly(tiny_checkpoint, tiny_separate, converted_tiny,  # type: ignore[no-untyped-def]
+                                                                 tmp_path) -> None:
+    from convert.pipeline import convert
+
+    result = convert(str(tiny_checkpoint), tmp_path / "bf16", quant=["BF16"], vision_tower=tiny_separate[1])
+    reader = gguf.GGUFReader(result.folder / result.manifest.language_model("BF16").path)
+    f32 = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(lm_file(converted_tiny, "F32")).tensors}
+    assert field_value(reader, "general.file_type") == 32
+    for tensor in reader.tensors:
+        if len(tensor.shape) == 1:
+            continue
+        assert tensor.tensor_type == Q.BF16, tensor.name
+        values = gguf.quants.dequantize(tensor.data, Q.BF16)
+        assert np.array_equal(values, f32[tensor.name]), tensor.name
+    # the F16 intermediate is gone: only the BF16 model, the mmproj and the manifest remain
+    assert sorted(p.name for p in result.folder.iterdir()) == sorted(
+        [f.path for f in result.manifest.files] + ["manifest.json"])
+
+
+def test_repo_id_resolves_in_the_local_hugging_face_cache(tiny_checkpoint, tiny_separate, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``PULSE-ECG/PULSE-7B`` found in HF_HOME's hub cache (refs/main -> snapshot), without any network."""
+    import os
+    import shutil
+
+    from tests.conftest import run_cli
+
+    repo = tmp_path / "hf-home" / "hub" / "models--PULSE-ECG--PULSE-7B"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    out = tmp_path / "out"
+    result = run_cli("convert", "PULSE-ECG/PULSE-7B", "--out", out, "--quant", "Q8_0", "--vision-tower", tiny_separate[1])
+    assert result.code == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"Wrote {out / 'manifest.json'}"
+    assert sorted(os.listdir(out)) == ["manifest.json", "pulse-7b-Q8_0.gguf", "pulse-7b-mmproj-f16.gguf"]
+    assert result.stderr == ""  # no progress bar, no llama.cpp chatter when stderr is not a terminal

@@ -151,4 +151,4 @@ def test_existing_output_is_not_overwritten_without_force(converted_tiny, tiny_c
 def test_unknown_quant_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert_fails(run_cli("convert", tiny_checkpoint, "--out", out, "--quant", "Q3_X"),
-                 "Unknown --quant Q3_X; choose from F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0.", out)
+                 "Unknown --quant Q3_X; choose from F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0.", out)

@@ -16,7 +16,7 @@ def convert_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the GGUF files and manifest.json.")],
     quant: Annotated[
         list[str] | None,
-        typer.Option("--quant", "-q", help="Language-model type: F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0. "
+        typer.Option("--quant", "-q", help="Language-model type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0. "
                                            "Repeat for several; the first is the default. [default: Q4_K_M]"),
     ] = None,
     vision_tower: Annotated[

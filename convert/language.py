@@ -168,6 +168,9 @@ def read_special_tokens(folder: Path) -> dict[str, bool]:
     return {
         "add_bos": bool(config.get("add_bos_token", True)),
         "add_eos": bool(config.get("add_eos_token", False)),
+        # transformers' slow LlamaTokenizer: legacy=False adds no dummy space after a special token
+        # (e.g. "</s>USER" in a multi-turn prompt); its default is True.
+        "legacy": bool(config.get("legacy", True)),
     }
 
 
@@ -213,6 +216,7 @@ def write_language_model(
     special = read_special_tokens(folder)
     writer.add_add_bos_token(special["add_bos"])
     writer.add_add_eos_token(special["add_eos"])
+    writer.add_bool("pulse.tokenizer.legacy", special["legacy"])
     writer.add_add_space_prefix(vocab.add_dummy_prefix)
     writer.add_chat_template(jinja_chat_template(LLAVA_V1))
     writer.add_string("pulse.prompt.template", LLAVA_V1.id)

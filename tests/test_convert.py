@@ -151,6 +151,8 @@ def test_language_model_metadata_has_llama_cpp_types_and_config_values(converted
     assert field_value(reader, "tokenizer.ggml.add_bos_token") is True
     assert field_value(reader, "tokenizer.ggml.add_eos_token") is False
     assert field_value(reader, "pulse.prompt.template") == "llava_v1"
+    tokenizer_config = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
+    assert field_value(reader, "pulse.tokenizer.legacy") is tokenizer_config["legacy"] is False
 
 
 def test_tokenizer_pieces_scores_and_types_equal_sentencepiece(converted_tiny, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]

@@ -85,7 +85,7 @@ PROMPTS = [PULSE_PROMPT.replace("<image>\n", ""), "Sinus rhythm with first degre
 # F32: float32 everywhere; llama.cpp and torch differ only in summation order (~1e-6 relative on
 # these 2-layer, 256-wide dot products), so 1e-4 absolute on logits of magnitude < 10 has a 100x margin.
 F32_ATOL = 1e-4
-# F16: the weights are exact (bf16 values fit f16), but ggml's f16 matmul rounds the activations to
+# F16: the weights are all but exact (bf16 values fit f16 bar subnormals), but ggml's f16 matmul rounds the activations to
 # f16 (2^-11 relative); over 2 layers that gives errors of a few 1e-3 on the logits: 2e-2 bounds it.
 F16_ATOL = 2e-2
 

@@ -7,13 +7,12 @@ import os
 import sys
 from typing import Annotated
 
-import click
 import typer
 
 from pulse_edge import __version__
 from pulse_edge.errors import PulseEdgeError
 
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_BATCH_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 app = typer.Typer(
     name="pulse-edge",
@@ -43,9 +42,10 @@ def _root(
 
 
 def _register() -> None:
-    from pulse_edge.cli import convert, inspect
+    from pulse_edge.cli import convert, inspect, read
 
     app.command(name="convert")(convert.convert_command)
+    app.command(name="read")(read.read_command)
     app.command(name="inspect")(inspect.inspect_command)
 
 
@@ -60,17 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     except PulseEdgeError as exc:
         if debug:
             raise
-        click.echo(f"Error: {exc}", err=True)
+        typer.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.UsageError as exc:
-        exc.show()
-        sys.exit(EXIT_USAGE)
-    except (click.Abort, KeyboardInterrupt):
-        click.echo("Interrupted.", err=True)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("Interrupted.", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # typer vendors its own click: its usage and parameter errors are recognised by their interface.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if debug or show is None or code is None:
+            raise
+        show()
+        sys.exit(code)
     sys.exit(0)

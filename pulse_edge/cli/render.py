@@ -24,7 +24,7 @@ def stdout() -> Console:
 
 def stderr() -> Console:
     """Progress, logs and warnings."""
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

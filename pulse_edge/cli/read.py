@@ -1,0 +1,97 @@
+"""``pulse-edge read``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pulse_edge.cli.render import stderr, stdout
+from pulse_edge.errors import PulseEdgeError
+
+
+def read_command(
+    images: Annotated[list[Path], typer.Argument(help="ECG images: PNG, JPEG, WebP, BMP, GIF, TIFF, PDF or DICOM.")],
+    question: Annotated[
+        list[str] | None, typer.Option("--question", "-q", help="A question (repeat for several; the image is read once).")
+    ] = None,
+    report: Annotated[bool, typer.Option("--report", help="Ask PULSE for a full report.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder, manifest, or store name.")] = None,
+    quant: Annotated[str | None, typer.Option(help="Which of the model's quants [default: the manifest's].")] = None,
+    page: Annotated[int | None, typer.Option(help="Page of a PDF/TIFF/DICOM (1-based) [default: all].")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 1024,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy, as in PULSE's evaluation.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: physical cores].")] = None,
+    gpu_layers: Annotated[int | None, typer.Option(help="Layers on the GPU [default: all when the build has one].")] = None,
+) -> None:
+    """Read ECG images with PULSE and answer questions about them.
+
+    Without --question, PULSE gives its standard interpretation. Answers stream to stdout as they
+    are generated on a terminal. Research model output, not a medical device: a clinician must
+    over-read every ECG.
+    """
+    from pulse_edge.inputs import load
+    from pulse_edge.model import resolve
+    from pulse_edge.questions import DEFAULT_QUESTION, REPORT_QUESTION
+    from pulse_edge.reader import DISCLAIMER, Generation, Reader
+
+    questions = list(question or [])
+    if report:
+        questions.append(REPORT_QUESTION)
+    questions = questions or [DEFAULT_QUESTION]
+    generation = Generation(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    for path in images:  # fail before loading a 4 GB model for a typo
+        if not path.exists():
+            raise PulseEdgeError(f"{path}: no such file.")
+    files = resolve(model, quant)
+    reader = Reader(files, threads=threads, gpu_layers=gpu_layers)
+    out = stdout()
+    stream = out.is_terminal and not as_json
+    failed = 0
+    try:
+        for path in images:
+            try:
+                pages = load(path, page)
+            except PulseEdgeError as exc:
+                if len(images) == 1:
+                    raise
+                failed += 1
+                stderr().print(f"Error: {exc}", markup=False)
+                continue
+            for item in pages:
+                if not as_json and (len(images) > 1 or len(pages) > 1):
+                    out.print(f"== {path}" + (f" (page {item.page})" if len(pages) > 1 else ""), markup=False)
+                current = [-1]
+
+                def show(index: int, text: str, current: list[int] = current) -> None:
+                    if index != current[0]:
+                        current[0] = index
+                        out.print(f"Q: {questions[index]}\nA: ", end="", markup=False)
+                    out.print(text, end="", markup=False)
+
+                reading = reader.read(item.image, questions, generation=generation, image_name=str(path),
+                                      on_token=show if stream else None)
+                if as_json:
+                    record = reading.to_dict()
+                    record.update(path=str(path), page=item.page, file_sha256=item.sha256, kind=item.kind)
+                    typer.echo(json.dumps(record, ensure_ascii=False))
+                    continue
+                for answer in reading.answers:
+                    if stream:
+                        out.print()
+                    else:
+                        if len(questions) > 1:
+                            out.print(f"Q: {answer.question}", markup=False)
+                        typer.echo(answer.text)
+                out.print(f"[{DISCLAIMER}]", markup=False)
+    finally:
+        reader.close()
+    if failed:
+        raise PulseEdgeError(f"{failed} of {len(images)} inputs could not be read (see above).")
+    sys.stdout.flush()

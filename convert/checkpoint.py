@@ -225,14 +225,28 @@ class TensorStore:
         return load_tensor(entry)
 
 
+def _sample(entry: TensorEntry, size: int = 4096) -> bytes:
+    """The first, middle and last ``size`` bytes of a tensor: enough to tell fine-tuned weights apart."""
+    with open(entry.file, "rb") as handle:
+        parts = []
+        for start in (entry.start, entry.start + max(entry.nbytes // 2 - size // 2, 0), max(entry.end - size, entry.start)):
+            handle.seek(start)
+            parts.append(handle.read(min(size, entry.nbytes)))
+    return b"".join(parts)
+
+
 def fingerprint(folder: Path, store: TensorStore) -> dict[str, str]:
-    """Identify the source checkpoint: hashes of config.json and of its tensor index (names, shapes, dtypes)."""
+    """Identify the source checkpoint: hashes of config.json, of its tensor index (names, shapes, dtypes),
+    and of samples of every tensor's bytes (two fine-tunes of one architecture share the first two)."""
     config_hash = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
-    listing = json.dumps(
-        sorted((e.name, e.dtype, list(e.shape), e.end - e.start) for e in store.entries.values())
-    ).encode()
+    entries = sorted(store.entries.values(), key=lambda e: e.name)
+    listing = json.dumps([(e.name, e.dtype, list(e.shape), e.end - e.start) for e in entries]).encode()
+    samples = hashlib.sha256()
+    for entry in entries:
+        samples.update(entry.name.encode() + b"\0" + _sample(entry))
     return {
         "folder": folder.name,
         "config_sha256": config_hash,
         "tensor_index_sha256": hashlib.sha256(listing).hexdigest(),
+        "weights_sample_sha256": samples.hexdigest(),
     }

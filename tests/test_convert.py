@@ -102,7 +102,7 @@ def test_manifest_lists_every_output_with_its_true_size_and_hash(converted_tiny)
         assert hashlib.sha256(data).hexdigest() == item.sha256
     assert manifest.default_quant == "F32"
     assert manifest.prompt_template == LLAVA_V1.id
-    assert set(manifest.source) == {"folder", "config_sha256", "tensor_index_sha256"}
+    assert set(manifest.source) == {"folder", "config_sha256", "tensor_index_sha256", "weights_sample_sha256"}
     # Only the outputs and the manifest are left: no temporary or intermediate file.
     assert sorted(p.name for p in converted_tiny.folder.iterdir()) == sorted(
         [f.path for f in manifest.files] + ["manifest.json"])
@@ -271,3 +271,13 @@ def test_repo_id_resolves_in_the_local_hugging_face_cache(tiny_checkpoint, tiny_
     assert result.stdout.splitlines()[0] == f"Wrote {out / 'manifest.json'}"
     assert sorted(os.listdir(out)) == ["manifest.json", "pulse-7b-Q8_0.gguf", "pulse-7b-mmproj-f16.gguf"]
     assert result.stderr == ""  # no progress bar, no llama.cpp chatter when stderr is not a terminal
+
+
+def test_fingerprint_tells_checkpoints_with_the_same_layout_apart(tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from convert.checkpoint import fingerprint
+    from convert.synthetic import write_checkpoint
+
+    other = write_checkpoint(tmp_path / "PULSE-tiny", shape="tiny", seed=1)
+    a, b = fingerprint(tiny_checkpoint, TensorStore(tiny_checkpoint)), fingerprint(other, TensorStore(other))
+    assert (a["config_sha256"], a["tensor_index_sha256"]) == (b["config_sha256"], b["tensor_index_sha256"])
+    assert a["weights_sample_sha256"] != b["weights_sample_sha256"]

@@ -42,11 +42,13 @@ def _root(
 
 
 def _register() -> None:
-    from pulse_edge.cli import convert, inspect, read
+    from pulse_edge.cli import batch, convert, inspect, models, read
 
-    app.command(name="convert")(convert.convert_command)
     app.command(name="read")(read.read_command)
+    app.command(name="batch")(batch.batch_command)
     app.command(name="inspect")(inspect.inspect_command)
+    app.command(name="convert")(convert.convert_command)
+    app.add_typer(models.models_app, name="models")
 
 
 _register()
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every outcome into an exit code (the one error boundary)."""
     debug = os.environ.get("PULSE_EDGE_DEBUG") == "1"
     try:
-        app(args=argv, prog_name="pulse-edge", standalone_mode=False)
+        # Without standalone mode typer returns the code of a typer.Exit (Ctrl-C included, as 130).
+        code = app(args=argv, prog_name="pulse-edge", standalone_mode=False)
     except PulseEdgeError as exc:
         if debug:
             raise
@@ -69,9 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
         # typer vendors its own click: its usage and parameter errors are recognised by their interface.
-        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
-        if debug or show is None or code is None:
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if debug or show is None or exit_code is None:
             raise
         show()
-        sys.exit(code)
-    sys.exit(0)
+        sys.exit(exit_code)
+    if code == EXIT_INTERRUPTED:
+        typer.echo("Interrupted.", err=True)
+    sys.exit(code if isinstance(code, int) else 0)

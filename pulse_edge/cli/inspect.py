@@ -11,13 +11,14 @@ import typer
 
 from pulse_edge.cli.render import stdout
 from pulse_edge.errors import PulseEdgeError
-
-DEFAULT_QUESTION = "What are the main findings of this ECG?"
+from pulse_edge.questions import DEFAULT_QUESTION
 
 
 def inspect_command(
     image: Annotated[Path, typer.Argument(help="ECG image file.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model folder, manifest.json, or store name.")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model folder, manifest.json, or store name [default: the default model].")
+    ] = None,
     question: Annotated[str, typer.Option("--question", "-q", help="Question to build the prompt with.")] = DEFAULT_QUESTION,
     save_embeddings: Annotated[
         Path | None, typer.Option(help="Save the image embeddings (rows in the language model's order) as .npy.")

@@ -45,10 +45,25 @@ HOW_TO_GET_ONE = (
 )
 
 
-def resolve(model: str | Path | None, quant: str | None = None) -> ModelFiles:
-    """Find a model's files and run the fast size check of its manifest."""
+def locate(model: str | Path | None) -> tuple[Path, str | None]:
+    """The manifest ``--model`` points at, and the store name when it is a store model.
+
+    ``model`` is a folder, a manifest file or a store name, in that order; ``None`` means the default
+    model of the store (``pulse-edge models default``).
+    """
+    from pulse_edge.store import default_model, valid_name
+
     if model is None:
-        raise ModelError(f"No model given. {HOW_TO_GET_ONE}")
+        name = default_model()
+        if name is None:
+            raise ModelError(f"No model given. {HOW_TO_GET_ONE}")
+        manifest_path = store_dir() / name / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise ModelError(
+                f"The default model {name!r} is not in the store ({store_dir() / name}); set another with "
+                "'pulse-edge models default NAME' or import it again with 'pulse-edge models import DIR'."
+            )
+        return manifest_path, name
     path = Path(model).expanduser()
     if path.is_file():
         manifest_path = path
@@ -58,6 +73,15 @@ def resolve(model: str | Path | None, quant: str | None = None) -> ModelFiles:
         manifest_path = store_dir() / str(model) / MANIFEST_NAME
     else:
         raise ModelError(f"No model at {model}. {HOW_TO_GET_ONE}")
+    # A store folder given by its path is still that store model (its verify result is recorded).
+    folder = manifest_path.parent.resolve()
+    in_store = folder.parent == store_dir().resolve() and valid_name(folder.name)
+    return manifest_path, folder.name if in_store else None
+
+
+def resolve(model: str | Path | None, quant: str | None = None) -> ModelFiles:
+    """Find a model's files and run the fast size check of its manifest (``None``: the default model)."""
+    manifest_path, _ = locate(model)
     folder = manifest_path.parent
     manifest = read_manifest(manifest_path)
     check_sizes(manifest, folder)
@@ -66,4 +90,20 @@ def resolve(model: str | Path | None, quant: str | None = None) -> ModelFiles:
     return ModelFiles(
         name=manifest.name, folder=folder, manifest=manifest, quant=lm.quant, language_model=folder / lm.path,
         mmproj=folder / mm.path, language_model_sha256=lm.sha256, mmproj_sha256=mm.sha256,
+    )
+
+
+def from_paths(language_model: Path, mmproj: Path) -> ModelFiles:
+    """A model given as its two GGUF files, without a manifest (their SHA-256 is computed here)."""
+    from pulse_edge.manifest import sha256_file
+
+    for path in (language_model, mmproj):
+        if not path.is_file():
+            raise ModelError(f"{path}: no such file. {HOW_TO_GET_ONE}")
+    synthetic = Manifest(name=language_model.stem, files=(), source={}, prompt_template="llava_v1",
+                         converter_version="", default_quant="", created="")
+    return ModelFiles(
+        name=language_model.stem, folder=language_model.parent, manifest=synthetic, quant="",
+        language_model=language_model, mmproj=mmproj, language_model_sha256=sha256_file(language_model),
+        mmproj_sha256=sha256_file(mmproj),
     )

@@ -1,0 +1,116 @@
+"""``pulse-edge batch``."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from pulse_edge.cli.render import stderr
+from pulse_edge.reader import DEFAULT_MAX_TOKENS
+
+_SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    match = _SHARD.fullmatch(value)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise typer.BadParameter(f"{value!r} is not I/N with 1 <= I <= N (e.g. 2/4 for the second of four machines).",
+                                 param_hint="'--shard'")
+    return int(match[1]), int(match[2])
+
+
+class _SecondsPerItem(ProgressColumn):
+    """The rate as people think of ECGs: seconds per page, not pages per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{1 / speed:.1f} s/page" if speed else "")
+
+
+def batch_command(
+    inputs: Annotated[list[Path], typer.Argument(help="ECG files, folders, or .txt/.lst lists of paths.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file: one record per page, written as each finishes.")],
+    csv: Annotated[Path | None, typer.Option("--csv", help="Also write a CSV (one row per page) at the end.")] = None,
+    question: Annotated[
+        list[str] | None,
+        typer.Option("--question", "-q", help="Question to ask about every page; repeat for several. "
+                                              "[default: What are the main findings of this ECG?]"),
+    ] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look into subfolders.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue OUT: skip pages already read with this model, questions and "
+                                             "parameters; retry the failed ones.")
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", metavar="I/N", help="Read only the I-th of N equal shares of the sorted pages "
+                                                    "(one per machine; together they cover everything)."),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder, manifest.json, or store name.")] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help="Language-model type [default: the model's].")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")] = DEFAULT_MAX_TOKENS,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 answers greedily (PULSE's evaluation).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed (with --temperature above 0).")] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: physical cores].")] = None,
+    gpu_layers: Annotated[
+        int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU [default: all, when built with one].")
+    ] = None,
+    page: Annotated[int | None, typer.Option(min=1, help="Read only this page of each file (1-based).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start OUT (and --csv) over if they exist.")] = False,
+) -> None:
+    """Read many ECGs into a JSONL file (and a CSV), one record per page.
+
+    Each record is written and synced as soon as its page is read: after a crash, --resume continues
+    where it stopped. Files that cannot be read get an error record and the batch goes on; it then
+    exits with status 3.
+    """
+    from pulse_edge.batch import open_batch
+    from pulse_edge.cli import EXIT_BATCH_FAILED, EXIT_INTERRUPTED
+    from pulse_edge.reader import Generation
+
+    parts = _shard(shard)
+    console = stderr()
+    generation = Generation(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    read = failed = 0
+    try:
+        with open_batch(inputs, out=out, csv=csv, questions=question or [], recursive=recursive, resume=resume,
+                        shard=parts, model=model, quant=quant, generation=generation, threads=threads,
+                        gpu_layers=gpu_layers, page=page, force=force) as batch:
+            progress = Progress(TextColumn("Reading"), BarColumn(), MofNCompleteColumn(), _SecondsPerItem(),
+                                TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+            try:
+                with progress:
+                    task = progress.add_task("batch", total=len(batch.todo))
+                    for record in batch:
+                        if record.ok:
+                            read += 1
+                        else:
+                            failed += 1
+                            progress.console.print(f"Failed: {record.error}", markup=False, highlight=False,
+                                                   soft_wrap=True)
+                        progress.advance(task)
+                batch.write_csv()
+            finally:  # Ctrl-C included: say how far it got
+                console.print(f"{read} read, {failed} failed, {batch.skipped} skipped (already done)",
+                              markup=False, highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        console.print("Interrupted; every page read so far is saved: run again with --resume to continue.",
+                      markup=False, highlight=False, soft_wrap=True)
+        _exit(EXIT_INTERRUPTED)
+    if failed:
+        _exit(EXIT_BATCH_FAILED)
+
+
+def _exit(code: int) -> NoReturn:
+    # SystemExit, not typer.Exit: typer's non-standalone main() returns an Exit's code (and turns Ctrl-C into
+    # Exit(130)) instead of raising it, so main() would never see either and would exit 0.
+    sys.exit(code)

@@ -145,8 +145,8 @@ def test_import_refuses_a_language_model_and_mmproj_from_different_checkpoints(
     assert (result.code, result.stdout) == (1, "")
     assert result.stderr.splitlines() == [
         f"Error: {usb / LM_FILES[0]} and {usb / MMPROJ} come from different checkpoints "
-        "(pulse.source.config_sha256, pulse.source.tensor_index_sha256, pulse.source.weights_sample_sha256 differ): they do not belong together; use "
-        "the language model and mmproj written by the same 'pulse-edge convert' run."
+        "(pulse.source.config_sha256, pulse.source.tensor_index_sha256, pulse.source.weights_sample_sha256 differ): "
+        "they do not belong together; use the language model and mmproj written by the same 'pulse-edge convert' run."
     ]
     assert not store().exists() or list(store().iterdir()) == []
 

@@ -69,6 +69,7 @@ class LanguageModel:
         n_batch: int = 512,
         vocab_only: bool = False,
         flash_attn: bool = False,
+        repack: bool = False,
     ) -> None:
         lib = llama_cpp()
         self._lib = lib
@@ -77,9 +78,12 @@ class LanguageModel:
         mparams = lib.llama_model_default_params()
         offload = lib.llama_supports_gpu_offload()
         mparams.n_gpu_layers = (-1 if offload else 0) if gpu_layers is None else gpu_layers
-        # A memory-mapped file stays resident beside llama.cpp's repacked CPU copy of the weights
-        # (9.1 GiB peak for 7B Q4_K_M against 5.9 GiB without the map): read it into memory instead.
-        mparams.use_mmap = False
+        # llama.cpp's CPU "repack" buffers keep a second, re-laid-out copy of the weights: a 3.9 GB 7B Q4_K_M
+        # loads to 6.7 GiB with them (memory-mapped or not) and 3.85 GiB without, and on the AVX2 machine we
+        # measured prefill was faster without them (10.0 against 7.9 tok/s) at the same generation speed
+        # (benchmarks/README.md). The file is memory-mapped: its pages stay reclaimable page cache.
+        mparams.use_mmap = True
+        mparams.use_extra_bufts = repack
         mparams.vocab_only = vocab_only
         self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:

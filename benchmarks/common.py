@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,18 +54,17 @@ class Run:
 
 
 def run_measured(command: Sequence[str], env: dict[str, str] | None = None) -> Run:
-    """Run ``command``; its wall time, peak RSS, CPU time, and the CPU everything else used meanwhile."""
+    """Run ``command``; its wall time, its own peak RSS and CPU time, and the CPU everything else used meanwhile."""
     hz = os.sysconf("SC_CLK_TCK")
     before_busy = _busy_jiffies()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(list(command), env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(list(command), env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy = (_busy_jiffies() - before_busy) / hz
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far (KiB on Linux): run one child per measurement.
-    return Run(wall, after.ru_maxrss / 2**20, cpu, max(busy - cpu, 0.0), proc.returncode)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Run(wall, usage.ru_maxrss / 2**20, cpu, max(busy - cpu, 0.0), proc.returncode)
 
 
 def median(values: Sequence[float]) -> float:

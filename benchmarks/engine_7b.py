@@ -1,0 +1,216 @@
+"""Engine benchmark on the 7B-shape model: one landscape 12-lead page (2,880 image tokens), 128 new tokens.
+
+    python benchmarks/engine_7b.py --model DIR [--quants Q4_K_M ...] [--image PNG] [--repeat N]
+
+For each quant, in separate processes (so each peak RSS is its own):
+  engine  pulse-edge's Reader: vision, image prefill, two questions (the second from the cached image)
+  raw     llama.cpp alone, as its own defaults load it (memory-mapped, flash attention auto), decoding the
+          same number of input-embedding positions and question tokens, then generating as many tokens
+  vision  the numpy CLIP encoder alone on the same image
+Also records the CPU that other processes used during each run. Run on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import median, python, run_measured, save  # noqa: E402
+
+DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "ecg-real-scans" / "ecg00053.png"
+QUESTIONS = ["What are the main findings of this ECG?", "Is there atrial fibrillation?"]
+
+
+def rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def child_engine(model: str, quant: str, image: Path, max_tokens: int) -> dict[str, Any]:
+    from pulse_edge.model import resolve
+    from pulse_edge.reader import Generation, Reader, open_image
+
+    memory = {"start": rss_gib()}
+    start = time.perf_counter()
+    reader = Reader(resolve(model, quant))
+    load_s = time.perf_counter() - start
+    memory["loaded (weights + vision encoder)"] = rss_gib()
+    reading = reader.read(open_image(image), QUESTIONS, generation=Generation(max_tokens=max_tokens))
+    memory["after reading (+ KV cache, compute buffers)"] = rss_gib()
+    first, second = reading.answers
+    t = reading.timings
+    ttft_1 = t["vision_s"] + t["image_prefill_s"] + first.time_to_first_token_s
+    return {
+        "load_s": load_s,
+        "image_tokens": reading.image_tokens,
+        "vision_s": t["vision_s"],
+        "image_prefill_s": t["image_prefill_s"],
+        "prefill_tok_s": t["image_prefill_tok_s"],
+        "generated_tokens": first.tokens,
+        "generation_tok_s": first.tokens / first.generation_s,
+        "time_to_first_token_s": ttft_1,
+        "total_s": t["vision_s"] + t["image_prefill_s"] + first.prefill_s + first.generation_s,
+        "second_question_ttft_s": second.time_to_first_token_s,
+        "second_over_first_ttft": second.time_to_first_token_s / ttft_1,
+        "rss_gib_by_stage": memory,
+    }
+
+
+def child_raw(model: str, quant: str, positions: int, question_tokens: int, max_tokens: int,
+              like_engine: bool = False) -> dict[str, Any]:
+    """llama.cpp with its own defaults (or, with ``like_engine``, pulse-edge's settings: no repack buffers,
+    flash attention off); the same decode work as the engine's first question."""
+    import ctypes
+
+    import numpy as np
+
+    from pulse_edge.model import resolve
+    from pulse_edge.native import llama_cpp
+
+    lib = llama_cpp()
+    files = resolve(model, quant)
+    lib.llama_backend_init()
+    mparams = lib.llama_model_default_params()
+    if like_engine:
+        mparams.use_extra_bufts = False
+    start = time.perf_counter()
+    llm_model = lib.llama_model_load_from_file(str(files.language_model).encode(), mparams)
+    load_s = time.perf_counter() - start
+    vocab = lib.llama_model_get_vocab(llm_model)
+    n_embd = lib.llama_model_n_embd(llm_model)
+    n_vocab = lib.llama_vocab_n_tokens(vocab)
+    cparams = lib.llama_context_default_params()
+    cparams.n_ctx = 4096
+    cparams.n_batch = 512
+    cparams.n_ubatch = 512
+    if like_engine:
+        cparams.flash_attn_type = 0
+    ctx = lib.llama_init_from_model(llm_model, cparams)
+    rows = (np.random.default_rng(0).standard_normal((positions, n_embd)) * 0.02).astype(np.float32)
+    pos = 0
+
+    def decode_embd(chunk: np.ndarray, want_logits: bool) -> None:
+        nonlocal pos
+        batch = lib.llama_batch_init(len(chunk), n_embd, 1)
+        batch.n_tokens = len(chunk)
+        ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+        for i in range(len(chunk)):
+            batch.pos[i], batch.n_seq_id[i], batch.logits[i] = pos + i, 1, want_logits and i == len(chunk) - 1
+            batch.seq_id[i][0] = 0
+        assert lib.llama_decode(ctx, batch) == 0
+        lib.llama_batch_free(batch)
+        pos += len(chunk)
+
+    def decode_tokens(tokens: list[int]) -> None:
+        nonlocal pos
+        batch = lib.llama_batch_init(len(tokens), 0, 1)
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos + i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, i == len(tokens) - 1
+        assert lib.llama_decode(ctx, batch) == 0
+        lib.llama_batch_free(batch)
+        pos += len(tokens)
+
+    start = time.perf_counter()
+    for begin in range(0, positions, 512):
+        decode_embd(rows[begin:begin + 512], False)
+    decode_tokens(list(range(100, 100 + question_tokens)))
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(max_tokens):
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        decode_tokens([int(logits.argmax())])
+    generation_s = time.perf_counter() - start
+    return {"load_s": load_s, "prefill_s": prefill_s, "prefill_tok_s": (positions + question_tokens) / prefill_s,
+            "generation_tok_s": max_tokens / generation_s, "rss_gib_end": rss_gib()}
+
+
+def child_vision(model: str, image: Path) -> dict[str, Any]:
+    from pulse_edge.model import resolve
+    from pulse_edge.reader import open_image
+    from pulse_edge.vision import VisionEncoder
+
+    encoder = VisionEncoder.from_gguf(resolve(model).mmproj)
+    picture = open_image(image)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        rows, plan = encoder.embed(picture)
+        times.append(time.perf_counter() - start)
+    return {"tiles_with_base": plan.n_images, "seconds": times, "rss_gib": rss_gib()}
+
+
+def run_child(args: list[str]) -> tuple[dict[str, Any], Any]:
+    out = Path("/tmp/pulse-edge-bench-child.json")
+    run = run_measured([python(), __file__, "--child-out", str(out), *args])
+    if run.returncode != 0:
+        raise SystemExit(f"child {args} failed ({run.returncode})")
+    return json.loads(out.read_text()), run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--quants", nargs="+", default=["Q4_K_M"])
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--parts", nargs="+", default=["vision", "engine", "raw"])
+    parser.add_argument("--name", default="engine_7b")
+    parser.add_argument("--child", choices=["engine", "raw", "raw-like-engine", "vision"])
+    parser.add_argument("--child-out", type=Path)
+    parser.add_argument("--quant")
+    parser.add_argument("--positions", type=int, default=2951)
+    parser.add_argument("--question-tokens", type=int, default=30)
+    args = parser.parse_args()
+    if args.child:
+        result = {
+            "engine": lambda: child_engine(args.model, args.quant, args.image, args.max_tokens),
+            "raw": lambda: child_raw(args.model, args.quant, args.positions, args.question_tokens, args.max_tokens),
+            "raw-like-engine": lambda: child_raw(args.model, args.quant, args.positions, args.question_tokens,
+                                                 args.max_tokens, like_engine=True),
+            "vision": lambda: child_vision(args.model, args.image),
+        }[args.child]()
+        args.child_out.write_text(json.dumps(result))
+        return 0
+
+    report: dict[str, Any] = {"image": str(args.image), "max_tokens": args.max_tokens, "quants": {}}
+    if "vision" in args.parts:
+        runs = [run_child(["--child", "vision", "--model", args.model, "--image", str(args.image)])
+                for _ in range(args.repeat)]
+        report["vision"] = {"runs": [r for r, _ in runs], "others_cpu_s": [m.others_cpu_s for _, m in runs],
+                            "median_s": median([min(r["seconds"]) for r, _ in runs])}
+        print("vision", json.dumps(report["vision"]), flush=True)  # noqa: T201 - a benchmark's report
+    for quant in args.quants:
+        entry: dict[str, Any] = {}
+        for part in [p for p in args.parts if p != "vision"]:
+            common = ["--model", args.model, "--quant", quant, "--max-tokens", str(args.max_tokens),
+                      "--positions", str(args.positions)]
+            extra = ["--image", str(args.image)] if part == "engine" else []
+            runs = [run_child(["--child", part, *common, *extra]) for _ in range(args.repeat)]
+            entry[part] = {
+                "runs": [r for r, _ in runs],
+                "peak_rss_gib": [m.peak_rss_gib for _, m in runs],
+                "wall_s": [m.wall_s for _, m in runs],
+                "others_cpu_s": [m.others_cpu_s for _, m in runs],
+                "median": {k: median([r[k] for r, _ in runs]) for k in runs[0][0] if isinstance(runs[0][0][k], float)},
+            }
+            print(quant, part, json.dumps(entry[part]), flush=True)  # noqa: T201
+        report["quants"][quant] = entry
+    path = save(args.name, report)
+    print(f"wrote {path}")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,15 +36,16 @@ def rss_gib() -> float:
 
 
 def child_engine(model: str, quant: str, image: Path, max_tokens: int) -> dict[str, Any]:
+    from pulse_edge.inputs import load
     from pulse_edge.model import resolve
-    from pulse_edge.reader import Generation, Reader, open_image
+    from pulse_edge.reader import Generation, Reader
 
     memory = {"start": rss_gib()}
     start = time.perf_counter()
     reader = Reader(resolve(model, quant))
     load_s = time.perf_counter() - start
     memory["loaded (weights + vision encoder)"] = rss_gib()
-    reading = reader.read(open_image(image), QUESTIONS, generation=Generation(max_tokens=max_tokens))
+    reading = reader.read(load(image, 1)[0].image, QUESTIONS, generation=Generation(max_tokens=max_tokens))
     memory["after reading (+ KV cache, compute buffers)"] = rss_gib()
     first, second = reading.answers
     t = reading.timings
@@ -136,12 +137,12 @@ def child_raw(model: str, quant: str, positions: int, question_tokens: int, max_
 
 
 def child_vision(model: str, image: Path) -> dict[str, Any]:
+    from pulse_edge.inputs import load
     from pulse_edge.model import resolve
-    from pulse_edge.reader import open_image
     from pulse_edge.vision import VisionEncoder
 
     encoder = VisionEncoder.from_gguf(resolve(model).mmproj)
-    picture = open_image(image)
+    picture = load(image, 1)[0].image
     times = []
     for _ in range(2):
         start = time.perf_counter()

@@ -12,12 +12,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pulse_edge.errors import ImageError, InferenceError
+from pulse_edge.errors import InferenceError
 from pulse_edge.llm import LanguageModel, Sampling
 from pulse_edge.model import ModelFiles
 from pulse_edge.prompt import IMAGE_PLACEHOLDER, LLAVA_V1, Template, render
@@ -46,8 +45,8 @@ class Answer:
     text: str
     tokens: int
     token_ids: list[int]
-    stopped: str
-    prefill_tokens: int  # "eos" or "max_tokens"
+    stopped: str  # "eos" or "max_tokens"
+    prefill_tokens: int
     prefill_s: float
     generation_s: float
     time_to_first_token_s: float
@@ -81,6 +80,13 @@ class Reading:
         return asdict(self)
 
 
+def prompt_pieces(llm: LanguageModel, question: str, template: Template = LLAVA_V1) -> tuple[list[int], list[int], str]:
+    """LLaVA's ``tokenizer_image_token``: each side of ``<image>`` tokenised alone, BOS once at the start."""
+    prompt = render([(question, None)], template)
+    before, after = prompt.split(IMAGE_PLACEHOLDER)
+    return llm.tokenize(before, add_bos=True), llm.tokenize(after, add_bos=False), prompt
+
+
 class Reader:
     """A loaded model (language model + vision encoder) that reads many images."""
 
@@ -104,17 +110,14 @@ class Reader:
                 f"{files.mmproj} projects to width {self.vision.output_width} but {files.language_model} expects "
                 f"{self.llm.n_embd}: the mmproj belongs to another model."
             )
-        self._cached: tuple[str, int] | None = None  # (image key, position after the image)
 
     def close(self) -> None:
         self.llm.close()
 
     # -- inputs -------------------------------------------------------------------------------
     def prompt_pieces(self, question: str) -> tuple[list[int], list[int], str]:
-        """LLaVA's ``tokenizer_image_token``: each side of ``<image>`` tokenised alone, BOS once at the start."""
-        prompt = render([(question, None)], self.template)
-        before, after = prompt.split(IMAGE_PLACEHOLDER)
-        return self.llm.tokenize(before, add_bos=True), self.llm.tokenize(after, add_bos=False), prompt
+        """The token ids before and after the image, and the prompt (see ``prompt_pieces``)."""
+        return prompt_pieces(self.llm, question, self.template)
 
     def image_rows(self, image: Any) -> tuple[np.ndarray, Any, float]:
         """Preprocess and encode an image: its embedding rows, tile plan and the seconds it took."""
@@ -140,9 +143,10 @@ class Reader:
         """Answer every question about ``image``, encoding and prefilling the image once."""
         if not questions:
             raise InferenceError("No question to answer.")
-        prefix, _, _ = self.prompt_pieces(questions[0])
+        pieces = [self.prompt_pieces(q) for q in questions]
+        prefix = pieces[0][0]  # the system prompt and "USER: ": the same for every question
+        suffixes = [suffix for _, suffix, _ in pieces]
         rows, plan, vision_s = self.image_rows(image)
-        suffixes = [self.prompt_pieces(q)[1] for q in questions]
         needed = len(prefix) + len(rows) + max(map(len, suffixes)) + generation.max_tokens
         if needed > self.llm.n_ctx_train:
             raise InferenceError(
@@ -239,24 +243,8 @@ def inspect(files: ModelFiles, image: Any, question: str, template: Template = L
     rows, plan = vision.embed(image)
     llm = LanguageModel(files.language_model, vocab_only=True)
     try:
-        prompt = render([(question, None)], template)
-        before, after = prompt.split(IMAGE_PLACEHOLDER)
-        prefix, suffix = llm.tokenize(before, add_bos=True), llm.tokenize(after, add_bos=False)
+        prefix, suffix, prompt = prompt_pieces(llm, question, template)
     finally:
         llm.close()
     return Inspection(plan=plan.to_dict(), merge_type=vision.params.merge_type, image_tokens=len(rows), prompt=prompt,
                       prefix_tokens=len(prefix), suffix_tokens=len(suffix), embeddings=rows)
-
-
-def open_image(path: Path) -> Any:
-    """Load an image file as LLaVA does (``Image.open(...)``); errors name the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            return handle.copy()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageError(f"{path} is not an image pulse-edge can read ({exc}); pass a PNG, JPEG, BMP or TIFF.") from None

@@ -32,13 +32,15 @@ def inspect_command(
     """
     import numpy as np
 
+    from pulse_edge.inputs import load
     from pulse_edge.model import resolve
-    from pulse_edge.reader import inspect, open_image
+    from pulse_edge.reader import inspect
 
     if save_embeddings is not None and save_embeddings.exists() and not force:
         raise PulseEdgeError(f"{save_embeddings} already exists; pass --force to overwrite it.")
     files = resolve(model)
-    result = inspect(files, open_image(image), question)
+    # the same loader as read and batch, so inspect shows what they see (first page of a PDF/TIFF/DICOM)
+    result = inspect(files, load(image, 1)[0].image, question)
     if save_embeddings is not None:
         descriptor = os.open(save_embeddings, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "wb") as handle:

@@ -6,6 +6,7 @@ the first-token logits match within a stated tolerance, and the greedy continuat
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -150,3 +151,25 @@ def test_context_too_small_names_the_numbers(readers) -> None:  # type: ignore[n
 def test_network_connections_are_refused() -> None:
     with pytest.raises(OSError, match="network access blocked in tests"):
         socket.create_connection(("127.0.0.1", 9), timeout=1)
+
+
+def test_a_model_given_as_its_two_gguf_files(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pulse_edge.errors import ModelError
+    from pulse_edge.model import from_paths
+
+    manifest = converted_tiny.manifest
+    lm = converted_tiny.folder / manifest.language_model("Q8_0").path
+    mmproj = converted_tiny.folder / manifest.mmproj().path
+    files = from_paths(lm, mmproj)
+    assert (files.language_model_sha256, files.mmproj_sha256) == (manifest.language_model("Q8_0").sha256,
+                                                                   manifest.mmproj().sha256)
+    reader = Reader(files, threads=2)
+    try:
+        reading = reader.read(IMAGES["small-synthetic"](), [QUESTION], generation=Generation(max_tokens=2))
+    finally:
+        reader.close()
+    assert reading.model["language_model_sha256"] == files.language_model_sha256
+    assert reading.answers[0].tokens == 2
+    missing = tmp_path / "nope.gguf"
+    with pytest.raises(ModelError, match="^" + re.escape(f"{missing}: no such file. Convert PULSE-7B")):
+        from_paths(missing, mmproj)

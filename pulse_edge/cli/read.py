@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -94,4 +93,3 @@ def read_command(
         reader.close()
     if failed:
         raise PulseEdgeError(f"{failed} of {len(images)} inputs could not be read (see above).")
-    sys.stdout.flush()

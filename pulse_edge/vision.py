@@ -372,8 +372,10 @@ class VisionEncoder:
         path = Path(path)
         try:
             reader = gguf.GGUFReader(path)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path}: cannot read it as GGUF ({exc}); check the file or convert again.") from exc
+        except Exception as exc:  # a damaged header fails the parser in many ways (IndexError, struct errors, ...)
+            raise ModelError(f"{path}: cannot read it as GGUF ({type(exc).__name__}: {exc}); check the model with "
+                             f"'pulse-edge models verify {path.parent}', then copy it again (or convert it "
+                             "again).") from exc
 
         def field(key: str, default: Any = None) -> Any:
             item = reader.fields.get(key)
@@ -416,7 +418,8 @@ class VisionEncoder:
         class _Lazy(Mapping[str, np.ndarray]):
             """Dequantise each tensor when the encoder takes it, so only one extra copy exists at a time."""
 
-            tensors = {t.name: t for t in reader.tensors}
+            def __init__(self, tensors: Any) -> None:
+                self.tensors = {t.name: t for t in tensors}
 
             def __getitem__(self, name: str) -> np.ndarray:
                 tensor = self.tensors[name]
@@ -437,7 +440,13 @@ class VisionEncoder:
             def __len__(self) -> int:
                 return len(self.tensors)
 
-        return cls(config, _Lazy(), params, source=str(path), threads=threads)
+        # The class is cyclic garbage (freed only by the garbage collector): it must not hold the file's memory
+        # map, whose pages would stay resident beside the language model. The encoder owns copies.
+        weights = _Lazy(reader.tensors)
+        try:
+            return cls(config, weights, params, source=str(path), threads=threads)
+        finally:
+            weights.tensors.clear()
 
     # -- forward ---------------------------------------------------------------------------------
     def encode(self, pixels: np.ndarray) -> np.ndarray:

@@ -173,3 +173,53 @@ def test_a_model_given_as_its_two_gguf_files(converted_tiny, tmp_path: Path) -> 
     missing = tmp_path / "nope.gguf"
     with pytest.raises(ModelError, match="^" + re.escape(f"{missing}: no such file. Convert PULSE-7B")):
         from_paths(missing, mmproj)
+
+
+# KV cache types against the reference (F32 model, so the cache is the only rounding): "f16" rounds cached keys
+# and values to float16 (relative 2^-11), "q8_0" stores keys as 8-bit blocks of 32 with one float16 scale
+# (relative error up to 1/254 of a block's largest |value|). Measured on the tiny model after ~2,900 image positions:
+# f16 2.3e-4, q8_0 3.8e-3; the bounds leave ~9x and ~5x room, and stay far below a real defect (> 0.1, see above).
+KV_ATOL = {"f16": 2e-3, "q8_0": 2e-2}
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_kv_cache_types_stay_within_their_rounding(converted_tiny, tiny_checkpoint: Path, tiny_separate,  # type: ignore[no-untyped-def]
+                                                   kv_type: str) -> None:
+    image = IMAGES["dicom-12-lead"]()
+    ref = reference_llava.llava_inputs(tiny_checkpoint, tiny_separate[1], image, QUESTION)
+    expected = reference_llava.logits(tiny_checkpoint, ref.embeds).double().numpy()
+    reader = Reader(resolve(converted_tiny.folder, "F32"), kv_type=kv_type, threads=2)
+    try:
+        logits, *_ = our_logits(reader, image, QUESTION)
+        reading = reader.read(image, [QUESTION], generation=Generation(max_tokens=16))
+    finally:
+        reader.close()
+    assert np.abs(logits - expected).max() <= KV_ATOL[kv_type]
+    assert reading.answers[0].token_ids == reference_llava.greedy(tiny_checkpoint, ref.embeds, 16)
+
+
+def test_on_a_cpu_the_vision_weights_and_the_kv_cache_are_never_held_together(converted_tiny) -> None:  # type: ignore[no-untyped-def]
+    files = resolve(converted_tiny.folder, "F32")
+    image = IMAGES["small-synthetic"]()
+    lean = Reader(files, threads=2)  # CPU build: keep_vision defaults to False
+    kept = Reader(files, threads=2, keep_vision=True)
+    try:
+        assert not lean.keep_vision and lean._vision is None  # checked at load, then dropped
+        held: list[bool] = []
+        embed = type(lean.vision).embed
+
+        def spy(self, img):  # type: ignore[no-untyped-def]
+            held.append(lean.llm.ctx is not None)  # is a KV cache allocated while the encoder runs?
+            return embed(self, img)
+
+        lean.read(image, [QUESTION], generation=Generation(max_tokens=4))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(lean.vision), "embed", spy)
+            second = lean.read(image, [QUESTION], generation=Generation(max_tokens=4))
+        assert held == [False] and lean._vision is None
+        assert kept.read(image, [QUESTION], generation=Generation(max_tokens=4)).answers[0].token_ids == \
+            second.answers[0].token_ids
+        assert kept._vision is not None
+    finally:
+        lean.close()
+        kept.close()

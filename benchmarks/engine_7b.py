@@ -7,6 +7,9 @@ For each quant, in separate processes (so each peak RSS is its own):
   raw     llama.cpp alone, as its own defaults load it (memory-mapped, flash attention auto), decoding the
           same number of input-embedding positions and question tokens, then generating as many tokens
   vision  the numpy CLIP encoder alone on the same image
+  torch   PULSE's own stack (torch + transformers, bf16, CPU) on the same image, questions and budget, from the
+          checkpoint (``--checkpoint``): LLaVA's anyres preprocessing, CLIP and projector, then the language
+          model from ``inputs_embeds`` with a KV cache, greedy (needs the test extra; ONEDNN_MAX_CPU_ISA honoured)
 Also records the CPU that other processes used during each run. Run on a quiet machine.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import median, python, run_measured, save  # noqa: E402
+from pulse_edge.llm import physical_cores  # noqa: E402
 
 DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "ecg-real-scans" / "ecg00053.png"
 QUESTIONS = ["What are the main findings of this ECG?", "Is there atrial fibrillation?"]
@@ -151,6 +156,75 @@ def child_vision(model: str, image: Path) -> dict[str, Any]:
     return {"tiles_with_base": plan.n_images, "seconds": times, "rss_gib": rss_gib()}
 
 
+def child_torch(checkpoint: Path, image: Path, max_tokens: int) -> dict[str, Any]:
+    """PULSE's stack as its code runs it on a CPU: everything in bfloat16, sdpa attention, greedy with a KV cache.
+
+    LLaVA's ``generate`` does the same work: one forward over the whole input, then one token at a time.
+    """
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
+
+    from convert.synthetic import SHAPES, clip_config, clip_preprocessor_config
+    from pulse_edge.inputs import load
+    from tests import reference, reference_llava
+
+    torch.set_num_threads(physical_cores())
+    memory = {"start": rss_gib()}
+    config = json.loads((checkpoint / "config.json").read_text())
+    shape = SHAPES["7b"] if config["hidden_size"] == SHAPES["7b"]["llm"]["hidden_size"] else SHAPES["tiny"]
+    start = time.perf_counter()
+    lm = LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.bfloat16).eval()
+    tower_prefix = "model.vision_tower.vision_tower."
+    from safetensors import safe_open
+
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    wanted = {k: v for k, v in index.items() if k.startswith((tower_prefix, "model.mm_projector."))}
+    state: dict[str, Any] = {}
+    for shard in sorted(set(wanted.values())):
+        with safe_open(str(checkpoint / shard), framework="pt") as handle:
+            state.update({k: handle.get_tensor(k) for k in wanted if wanted[k] == shard})
+    clip = CLIPVisionModel(CLIPVisionConfig(**clip_config(shape)["vision_config"])).to(torch.bfloat16).eval()
+    clip.load_state_dict({k.removeprefix(tower_prefix): v for k, v in state.items() if k.startswith(tower_prefix)},
+                         strict=False)
+    w0, w2 = state["model.mm_projector.0.weight"], state["model.mm_projector.2.weight"]
+    projector = torch.nn.Sequential(torch.nn.Linear(w0.shape[1], w0.shape[0]), torch.nn.GELU(),
+                                    torch.nn.Linear(w2.shape[1], w2.shape[0])).to(torch.bfloat16).eval()
+    projector.load_state_dict({k.removeprefix("model.mm_projector."): v for k, v in state.items()
+                               if k.startswith("model.mm_projector.")})
+    del state
+    load_s = time.perf_counter() - start
+    memory["loaded"] = rss_gib()
+    processor = CLIPImageProcessorPil(**clip_preprocessor_config(shape))
+    picture = load(image, 1)[0].image
+    table = lm.get_input_embeddings().weight
+    with torch.inference_mode():
+        start = time.perf_counter()
+        pixels = reference.llava_mm_utils().process_anyres_image(picture.convert("RGB"), processor,
+                                                                 config["image_grid_pinpoints"])
+        hidden = clip(pixels.to(torch.bfloat16), output_hidden_states=True).hidden_states[config["mm_vision_select_layer"]]
+        rows = projector(hidden[:, 1:]).flatten(0, 1)
+        vision_s = time.perf_counter() - start
+        ids = reference_llava.input_ids(checkpoint, reference_llava.llava_prompt([(QUESTIONS[0], None)]))
+        at = ids.index(reference_llava.IMAGE_TOKEN_INDEX)
+        embeds = torch.cat([table[ids[:at]], rows, table[ids[at + 1:]]])[None]
+        start = time.perf_counter()
+        out = lm(inputs_embeds=embeds, use_cache=True)
+        prefill_s = time.perf_counter() - start
+        memory["after prefill"] = rss_gib()
+        cache, token = out.past_key_values, out.logits[0, -1].argmax()
+        start = time.perf_counter()
+        for _ in range(max_tokens - 1):  # the first token came with the prefill
+            out = lm(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[0, -1].argmax()
+        generation_s = time.perf_counter() - start
+    return {"load_s": load_s, "image_tokens": int(rows.shape[0]), "vision_s": vision_s,
+            "prefill_tok_s": embeds.shape[1] / prefill_s, "generation_tok_s": (max_tokens - 1) / generation_s,
+            "time_to_first_token_s": vision_s + prefill_s, "total_s": vision_s + prefill_s + generation_s,
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+            "rss_gib_by_stage": memory}
+
+
 def run_child(args: list[str]) -> tuple[dict[str, Any], Any]:
     out = Path("/tmp/pulse-edge-bench-child.json")
     run = run_measured([python(), __file__, "--child-out", str(out), *args])
@@ -168,7 +242,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--parts", nargs="+", default=["vision", "engine", "raw"])
     parser.add_argument("--name", default="engine_7b")
-    parser.add_argument("--child", choices=["engine", "raw", "raw-like-engine", "vision"])
+    parser.add_argument("--checkpoint", type=Path, help="the safetensors checkpoint, for the torch part")
+    parser.add_argument("--child", choices=["engine", "raw", "raw-like-engine", "vision", "torch"])
     parser.add_argument("--child-out", type=Path)
     parser.add_argument("--quant")
     parser.add_argument("--positions", type=int, default=2951)
@@ -181,6 +256,7 @@ def main() -> int:
             "raw-like-engine": lambda: child_raw(args.model, args.quant, args.positions, args.question_tokens,
                                                  args.max_tokens, like_engine=True),
             "vision": lambda: child_vision(args.model, args.image),
+            "torch": lambda: child_torch(args.checkpoint, args.image, args.max_tokens),
         }[args.child]()
         args.child_out.write_text(json.dumps(result))
         return 0
@@ -197,7 +273,9 @@ def main() -> int:
         for part in [p for p in args.parts if p != "vision"]:
             common = ["--model", args.model, "--quant", quant, "--max-tokens", str(args.max_tokens),
                       "--positions", str(args.positions)]
-            extra = ["--image", str(args.image)] if part == "engine" else []
+            extra = ["--image", str(args.image)] if part in ("engine", "torch") else []
+            if part == "torch":
+                extra += ["--checkpoint", str(args.checkpoint)]
             runs = [run_child(["--child", part, *common, *extra]) for _ in range(args.repeat)]
             entry[part] = {
                 "runs": [r for r, _ in runs],

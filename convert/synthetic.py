@@ -1,9 +1,10 @@
 """Synthetic PULSE-7B checkpoints: the exact file layout of PULSE-ECG/PULSE-7B, filled with random weights.
 
 ``python -m convert.synthetic --shape tiny|7b OUT [--vision-tower-separate DIR] [--merge flat|spatial_unpad]
-[--seed N] [--force]`` writes ``config.json``, three bf16 safetensors shards with their index, a real
-SentencePiece ``tokenizer.model`` (BPE, byte fallback, LLaMA's trainer settings) trained on a generated
-ECG-report corpus, and the tokenizer/generation configs. With ``--vision-tower-separate DIR`` the CLIP tower
+[--seed N] [--tokenizer FILE] [--force]`` writes ``config.json``, three bf16 safetensors shards with their index,
+a real SentencePiece ``tokenizer.model`` (BPE, byte fallback, LLaMA's trainer settings) trained on a generated
+ECG-report corpus (or the given ``--tokenizer`` file, which needs no ``sentencepiece``), and the
+tokenizer/generation configs. With ``--vision-tower-separate DIR`` the CLIP tower
 is left out of the checkpoint and written to DIR in the layout of ``openai/clip-vit-large-patch14-336``
 instead, with the same random values, and ``mm_vision_tower`` points at DIR.
 
@@ -31,6 +32,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from convert.safetensors import DTYPES, SafetensorsWriter, TensorSpec, bf16_bits_to_f32, f32_to_bf16_bits
+from convert.tokenizer import read_vocabulary
+from pulse_edge.errors import ConversionError
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,11 @@ SHAPES: dict[str, dict[str, Any]] = {
         "corpus": {"ecg_sentences": 20000, "pseudo_words": 60000, "pseudo_sentences": 150000},
     },
 }
+
+# For tests only: the tiny shape with a language model twice as wide (head size still 64), so that an mmproj
+# converted from one of them projects to the wrong width for the other.
+SHAPES["tiny-wide"] = {**SHAPES["tiny"], "llm": {**SHAPES["tiny"]["llm"], "hidden_size": 512,
+                                                   "num_attention_heads": 8, "num_key_value_heads": 8}}
 
 MERGE_TYPES = ("flat", "spatial_unpad")
 SHARD_COUNT = 3
@@ -751,12 +759,14 @@ def write_checkpoint(
     vision_tower_separate: Path | None = None,
     merge: str = "flat",
     seed: int = 0,
+    tokenizer: Path | None = None,
     force: bool = False,
 ) -> Path:
     """Write a synthetic PULSE-7B-layout checkpoint of ``shape`` ("tiny" or "7b") to ``out`` and return it.
 
     ``vision_tower_separate`` moves the CLIP tower to that folder (CLIPModel layout, f32) and points
-    ``mm_vision_tower`` at its absolute path; ``merge`` sets ``mm_patch_merge_type``. Refuses a non-empty
+    ``mm_vision_tower`` at its absolute path; ``merge`` sets ``mm_patch_merge_type``. ``tokenizer`` is a
+    ``tokenizer.model`` to copy instead of training one (the vocabulary size follows it). Refuses a non-empty
     ``out`` (or tower folder) unless ``force``. Raises ``ValueError`` for bad arguments and
     ``FileExistsError`` for a refused folder.
     """
@@ -769,16 +779,17 @@ def write_checkpoint(
     tower_dir = Path(vision_tower_separate).absolute() if vision_tower_separate is not None else None
     if tower_dir is not None and tower_dir.resolve() == out.resolve():
         raise ValueError(f"the vision tower folder must differ from the checkpoint folder ({out})")
+    given = Path(tokenizer).read_bytes() if tokenizer is not None else None  # a missing file fails before writing
     # Check both folders before writing anything, so a refusal leaves no half-written checkpoint.
     for folder, owned, what in ((out, CHECKPOINT_FILES, "output folder"), (tower_dir, TOWER_FILES, "vision tower folder")):
         if folder is not None:
             _check_dir(folder, owned, force, what)
     out.mkdir(parents=True, exist_ok=True)
 
-    logger.info("training the %s tokenizer (%d pieces)", shape, table["vocab"])
-    proto = train_tokenizer(table)
-    (out / "tokenizer.model").write_bytes(proto)
-    vocab_size = _piece_count(proto)
+    if given is None:
+        logger.info("training the %s tokenizer (%d pieces)", shape, table["vocab"])
+    (out / "tokenizer.model").write_bytes(given if given is not None else train_tokenizer(table))
+    vocab_size = len(read_vocabulary(out / "tokenizer.model").tokens)  # parsed here: no sentencepiece needed
 
     if tower_dir is not None:
         logger.info("writing the separate vision tower to %s", tower_dir)
@@ -804,12 +815,6 @@ def write_checkpoint(
     return out
 
 
-def _piece_count(proto: bytes) -> int:
-    import sentencepiece as spm
-
-    return int(spm.SentencePieceProcessor(model_proto=proto).get_piece_size())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m convert.synthetic``."""
     parser = argparse.ArgumentParser(
@@ -822,13 +827,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write the CLIP tower to DIR (openai/clip-vit-large-patch14-336 layout) instead")
     parser.add_argument("--merge", choices=MERGE_TYPES, default="flat", help="mm_patch_merge_type (default: flat)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--tokenizer", type=Path, metavar="FILE", help="copy this tokenizer.model instead of training one")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty OUT (and DIR)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = write_checkpoint(args.out, shape=args.shape, vision_tower_separate=args.vision_tower_separate,
-                                merge=args.merge, seed=args.seed, force=args.force)
-    except (ValueError, OSError) as exc:
+                                merge=args.merge, seed=args.seed, tokenizer=args.tokenizer, force=args.force)
+    except (ValueError, OSError, ConversionError) as exc:
         parser.exit(1, f"Error: {exc}\n")
     logger.info("wrote %s", path)
     return 0

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pulse_edge.errors import PulseEdgeError
+from pulse_edge.errors import ImageError, PulseEdgeError
 from pulse_edge.inputs import PathLike, count_pages, find_inputs, iter_pages
 from pulse_edge.model import ModelFiles, resolve
 from pulse_edge.questions import DEFAULT_QUESTION
@@ -38,6 +38,9 @@ DEFAULT_GENERATION = Generation()
 
 OK, ERROR = "ok", "error"
 FILE_MODE = 0o600  # results describe patients: readable by their owner only
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): such cells get a
+# leading single quote, the usual mitigation, so they open as text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 Key = tuple[str, int | None]  # (path as listed, 1-based page; None for a file whose pages cannot be counted)
 
@@ -207,8 +210,8 @@ def open_batch(
 ) -> Batch:
     """Plan a batch and open its output: iterate the result to read, then ``write_csv()`` and ``close()``.
 
-    Nothing is read from the model here; the output is created (mode 0600), locked, and with ``resume``
-    cleaned of a torn last line left by a crash.
+    The model is checked (sizes, and SHA-256 the first time its files are used) but not loaded; the output is
+    created (mode 0600), locked, and with ``resume`` cleaned of a torn last line left by a crash.
     """
     out_path = Path(out)
     csv_path = Path(csv) if csv is not None else None
@@ -222,7 +225,7 @@ def open_batch(
         raise PulseEdgeError(f"{csv_path} already exists; pass --resume or --force to write it again.")
     if csv_path is not None and csv_path.resolve() == out_path.resolve():
         raise PulseEdgeError(f"--csv and --out both name {out_path}; give the CSV its own file.")
-    files = resolve(model, quant)
+    files = resolve(model, quant, check_hashes=True)
     wanted = list(questions) or [DEFAULT_QUESTION]
     items = plan(inputs, recursive=recursive, page=page, shard=shard)
     handle = _open_output(out_path, truncate=force)
@@ -244,9 +247,23 @@ def plan(inputs: Sequence[PathLike], *, recursive: bool = False, page: int | Non
 
     The split is taken from the whole sorted list, before anything done is skipped, so it never depends on
     what a machine has already read: the n shards are disjoint and together cover every item.
+    An input that does not exist is an item that fails, like an unreadable file, so that one typo does not
+    stop an archive; when none of the inputs exists, that is an error.
     """
     items: list[Item] = []
-    for path in find_inputs(inputs, recursive):
+    present: list[PathLike] = []
+    for given in inputs:
+        path = Path(given)
+        if path.exists():
+            present.append(given)
+        elif all(item.key != (str(path), None) for item in items):
+            items.append(Item(path, None, error=f"{path}: no such file or folder."))
+    if items and not present:
+        if len(items) == 1:
+            raise ImageError(items[0].error)
+        shown = ", ".join(str(item.path) for item in items[:3]) + (", ..." if len(items) > 3 else "")
+        raise ImageError(f"None of the {len(items)} inputs exists ({shown}); check the paths.")
+    for path in find_inputs(present, recursive):
         if page is not None:
             items.append(Item(path, page))  # a file with fewer pages fails when read, with load()'s message
             continue
@@ -387,7 +404,8 @@ def _sha256_or_none(path: Path) -> str | None:
 def write_csv(jsonl: Path, path: Path, questions: Sequence[str]) -> None:
     """One row per item of ``jsonl`` (its latest record): path, page, status, an answer per question, error.
 
-    Written to a temporary file and renamed, so an interrupted write never leaves half a CSV.
+    Written to a temporary file and renamed, so an interrupted write never leaves half a CSV. A text cell that
+    a spreadsheet would take for a formula (see ``FORMULA_STARTS``) starts with a single quote.
     """
     latest: dict[Key, dict[str, Any]] = {}
     with open(jsonl, "rb") as stream:
@@ -404,12 +422,13 @@ def write_csv(jsonl: Path, path: Path, questions: Sequence[str]) -> None:
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
             writer = csv_module.writer(handle)
-            writer.writerow(["path", "page", "status", *questions, "error"])
+            writer.writerow(["path", "page", "status", *map(_text_cell, questions), "error"])
             for key in sorted(latest, key=lambda k: (k[0], k[1] or 0)):
                 record = latest[key]
                 answers = {a.get("question"): a.get("answer", "") for a in record.get("answers") or []}
-                writer.writerow([key[0], "" if key[1] is None else key[1], record.get("status", ""),
-                                 *(answers.get(q, "") for q in questions), record.get("error") or ""])
+                writer.writerow([_text_cell(key[0]), "" if key[1] is None else key[1], record.get("status", ""),
+                                 *(_text_cell(str(answers.get(q) or "")) for q in questions),
+                                 _text_cell(str(record.get("error") or ""))])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -417,3 +436,7 @@ def write_csv(jsonl: Path, path: Path, questions: Sequence[str]) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def _text_cell(text: str) -> str:
+    return "'" + text if text.startswith(FORMULA_STARTS) else text

@@ -33,7 +33,7 @@ from pulse_edge.manifest import (
     sha256_file,
     write_manifest,
 )
-from pulse_edge.model import home, locate, store_dir
+from pulse_edge.model import different_checkpoints, home, locate, store_dir
 
 log = logging.getLogger(__name__)
 
@@ -263,15 +263,9 @@ def check_pairing(manifest: Manifest, folder: Path, files: Sequence[ModelFile] |
         if item.role != ROLE_LANGUAGE_MODEL:
             continue
         lm_path = folder / item.path
-        lm_keys = source_keys(lm_path)
-        if lm_keys != mm_keys:
-            differing = sorted(k for k in lm_keys.keys() | mm_keys.keys() if lm_keys.get(k) != mm_keys.get(k))
-            problem = (
-                f"{lm_path} and {mm_path} come from different checkpoints ({', '.join(differing)} differ): "
-                "they do not belong together; use the language model and mmproj written by the same "
-                "'pulse-edge convert' run."
-            )
-            return FileCheck(PAIRING, MISMATCH, f"{item.path} and {mm.path} come from different checkpoints", problem)
+        differ = different_checkpoints(lm_path, source_keys(lm_path), mm_path, mm_keys)
+        if differ is not None:
+            return FileCheck(PAIRING, MISMATCH, f"{item.path} and {mm.path} come from different checkpoints", differ)
     fingerprint = mm_keys.get(f"{SOURCE_PREFIX}config_sha256", "")[:12]
     return FileCheck(PAIRING, OK, f"language model and mmproj from the same checkpoint, config {fingerprint}")
 

@@ -197,9 +197,62 @@ def test_no_model_is_resolves_error_and_writes_nothing(tmp_path: Path) -> None:
     _image(tmp_path / "a.png", 0)
     out = tmp_path / "out.jsonl"
     result = run_cli("batch", tmp_path / "a.png", "--out", out)
-    assert result.code == 1
-    assert result.stderr.startswith("Error: No model given. Convert PULSE-7B on a connected machine")
+    assert (result.code, result.stdout, result.stderr.splitlines()) == (1, "", [
+        "Error: No model given. Convert PULSE-7B on a connected machine ('pulse-edge convert PULSE-ECG/PULSE-7B "
+        "--out DIR'), copy DIR here (e.g. on a USB stick) and import it with 'pulse-edge models import DIR' (or "
+        "pass --model DIR to use it where it is)."])
     assert not out.exists()
+
+
+def test_a_missing_input_is_a_failed_item_and_resume_retries_it(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    present, missing = _image(tmp_path / "a.png", 0), tmp_path / "typo.png"
+    out = tmp_path / "out.jsonl"
+    args = ("batch", present, missing, "--out", out, "--model", converted_tiny.folder, *FAST)
+    first = run_cli(*args)
+    assert (first.code, first.stdout) == (3, "")
+    assert first.stderr.splitlines() == [f"Failed: {missing}: no such file or folder.",
+                                         "1 read, 1 failed, 0 skipped (already done)"]
+    records = _records(out)
+    assert [(r["path"], r["status"]) for r in records] == [(str(present), "ok"), (str(missing), "error")]
+    assert records[1] == {"path": str(missing), "page": None, "status": "error",
+                          "error": f"{missing}: no such file or folder."}
+
+    # The error record is not "done": once the file is there, --resume reads it and skips the rest.
+    _image(missing, 1)
+    resumed = run_cli(*args, "--resume")
+    assert (resumed.code, resumed.stderr) == (0, "1 read, 0 failed, 1 skipped (already done)\n")
+    assert [(r["path"], r["page"], r["status"]) for r in _records(out)[2:]] == [(str(missing), 1, "ok")]
+
+
+def test_no_existing_input_at_all_is_an_error(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out.jsonl"
+    one = run_cli("batch", tmp_path / "gone.png", "--out", out, "--model", converted_tiny.folder)
+    assert (one.code, one.stdout, one.stderr.splitlines()) == (1, "", [f"Error: {tmp_path / 'gone.png'}: no such file "
+                                                                        "or folder."])
+    names = [tmp_path / f"gone{i}.png" for i in range(4)]
+    several = run_cli("batch", *names, "--out", out, "--model", converted_tiny.folder)
+    assert (several.code, several.stderr.splitlines()) == (1, [
+        f"Error: None of the 4 inputs exists ({names[0]}, {names[1]}, {names[2]}, ...); check the paths."])
+    assert not out.exists()
+
+
+def test_csv_cells_that_look_like_formulas_open_as_text(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _image(tmp_path / "=HYPERLINK(1).png", 0)
+    # Relative names, as typed in the folder: the CSV's path column starts with them.
+    result = run_cli("batch", "=HYPERLINK(1).png", "@gone.png", "--out", "out.jsonl", "--csv", "out.csv",
+                     "-q", "+1 or -1?", "--model", converted_tiny.folder, *FAST, cwd=tmp_path)
+    assert result.code == 3, result.stderr
+    records = _records(tmp_path / "out.jsonl")  # the JSONL keeps every value as it is
+    assert [r["path"] for r in records] == ["=HYPERLINK(1).png", "@gone.png"]
+    answer = records[0]["answers"][0]["answer"]  # the tiny model's words, escaped like any other cell
+    answer_cell = "'" + answer if answer.startswith(("=", "+", "-", "@", "\t", "\r")) else answer
+    with (tmp_path / "out.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows == [
+        ["path", "page", "status", "'+1 or -1?", "error"],
+        ["'=HYPERLINK(1).png", "1", "ok", answer_cell, ""],
+        ["'@gone.png", "", "error", "", "'@gone.png: no such file or folder."],
+    ]
 
 
 def test_force_starts_over_with_a_private_file(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pulse_edge.questions import DEFAULT_QUESTION as QUESTION  # what inspect asks without --question
 from tests import images, reference_llava
 from tests.conftest import run_cli
-
-QUESTION = "What are the main findings of this ECG?"
 
 
 def test_inspect_json_and_saved_embeddings_match_the_reference(converted_tiny, tiny_checkpoint: Path,  # type: ignore[no-untyped-def]

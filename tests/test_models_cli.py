@@ -60,8 +60,8 @@ def test_empty_store_says_how_to_get_a_model() -> None:
         assert (result.code, result.stdout) == (0, "")
         assert result.stderr.strip() == (
             "No models in the store. Convert PULSE-7B on a connected machine ('pulse-edge convert "
-            "PULSE-ECG/PULSE-7B --out DIR'), copy DIR here (e.g. on a USB stick) and pass --model DIR. "
-            "Or import DIR once with 'pulse-edge models import DIR' and use it by name."
+            "PULSE-ECG/PULSE-7B --out DIR'), copy DIR here (e.g. on a USB stick) and import it with "
+            "'pulse-edge models import DIR' (or pass --model DIR to use it where it is)."
         )
 
 

@@ -74,12 +74,27 @@ def test_a_bad_file_among_good_ones_is_reported_and_the_rest_is_read(converted_t
     assert result.stdout.splitlines()[-1] == DISCLAIMER_LINE
 
 
+NO_MODEL = ("Error: No model given. Convert PULSE-7B on a connected machine ('pulse-edge convert PULSE-ECG/PULSE-7B "
+            "--out DIR'), copy DIR here (e.g. on a USB stick) and import it with 'pulse-edge models import DIR' (or "
+            "pass --model DIR to use it where it is).")
+
+
 def test_without_a_model_read_says_how_to_get_one(ecg_png: Path) -> None:
     result = run_cli("read", ecg_png)
-    assert result.code == 1
-    assert result.stderr.strip() == (
-        "Error: No model given. Convert PULSE-7B on a connected machine ('pulse-edge convert PULSE-ECG/PULSE-7B "
-        "--out DIR'), copy DIR here (e.g. on a USB stick) and pass --model DIR.")
+    assert (result.code, result.stdout, result.stderr.splitlines()) == (1, "", [NO_MODEL])
+
+
+def test_the_default_question_and_report_are_worded_as_in_ecgbench(converted_tiny, ecg_png: Path) -> None:  # type: ignore[no-untyped-def]
+    default = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "1", "--json")
+    assert default.code == 0, default.stderr
+    assert [a["question"] for a in json.loads(default.stdout)["answers"]] == [
+        "Can you describe the features observed in this ECG, including the rhythm, waveforms, intervals, and any "
+        "other notable findings?"]
+    report = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "1", "--json", "-q", "Rate?",
+                     "--report")
+    assert report.code == 0, report.stderr
+    assert [a["question"] for a in json.loads(report.stdout)["answers"]] == [
+        "Rate?", "Please write a clinical report based on this ECG image."]
 
 
 def test_missing_file_and_usage_errors(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

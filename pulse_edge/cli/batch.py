@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from pulse_edge.cli.render import stderr
+from pulse_edge.questions import DEFAULT_QUESTION
 from pulse_edge.reader import DEFAULT_MAX_TOKENS
 
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
@@ -42,7 +43,7 @@ def batch_command(
     question: Annotated[
         list[str] | None,
         typer.Option("--question", "-q", help="Question to ask about every page; repeat for several. "
-                                              "[default: What are the main findings of this ECG?]"),
+                                              f"[default: {DEFAULT_QUESTION}]"),
     ] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look into subfolders.")] = False,
     resume: Annotated[
@@ -70,8 +71,8 @@ def batch_command(
     """Read many ECGs into a JSONL file (and a CSV), one record per page.
 
     Each record is written and synced as soon as its page is read: after a crash, --resume continues
-    where it stopped. Files that cannot be read get an error record and the batch goes on; it then
-    exits with status 3.
+    where it stopped. Files that cannot be read, and inputs that do not exist, get an error record and
+    the batch goes on; it then exits with status 3.
     """
     from pulse_edge.batch import open_batch
     from pulse_edge.cli import EXIT_BATCH_FAILED, EXIT_INTERRUPTED

@@ -51,8 +51,7 @@ def _as_dict(model: StoredModel) -> dict[str, Any]:
 def _how_to_get_one() -> str:
     from pulse_edge.model import HOW_TO_GET_ONE
 
-    return (f"No models in the store. {HOW_TO_GET_ONE} Or import DIR once with 'pulse-edge models import DIR' "
-            "and use it by name.")
+    return f"No models in the store. {HOW_TO_GET_ONE}"
 
 
 @models_app.command("list")

@@ -48,7 +48,7 @@ def read_command(
     for path in images:  # fail before loading a 4 GB model for a typo
         if not path.exists():
             raise PulseEdgeError(f"{path}: no such file.")
-    files = resolve(model, quant)
+    files = resolve(model, quant, check_hashes=True)
     reader = Reader(files, threads=threads, gpu_layers=gpu_layers)
     out = stdout()
     stream = out.is_terminal and not as_json

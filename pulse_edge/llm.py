@@ -86,6 +86,13 @@ class LanguageModel:
         mparams.use_mmap = True
         mparams.use_extra_bufts = repack
         mparams.vocab_only = vocab_only
+        # SentencePiece's dummy space is added by ``tokenize`` itself, not by llama.cpp: llama.cpp puts one at the
+        # start of every text fragment, after special tokens too, where PULSE's tokenizer (legacy=False) puts none.
+        overrides = (lib.llama_model_kv_override * 2)()
+        overrides[0].tag = lib.LLAMA_KV_OVERRIDE_TYPE_BOOL
+        overrides[0].key = b"tokenizer.ggml.add_space_prefix"
+        overrides[0].value.val_bool = False
+        mparams.kv_overrides = overrides
         self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise ModelError(
@@ -96,6 +103,9 @@ class LanguageModel:
         self.n_embd = lib.llama_model_n_embd(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lib.llama_model_n_ctx_train(self.model)
+        self.add_space_prefix = self.metadata("tokenizer.ggml.add_space_prefix", "true") == "true"
+        # transformers' LlamaTokenizer defaults to legacy=True when tokenizer_config.json does not say
+        self.legacy = self.metadata("pulse.tokenizer.legacy", "true") == "true"
         self.threads = threads or physical_cores()
         self.gpu_layers = int(mparams.n_gpu_layers)
         if kv_type not in KV_TYPES:
@@ -152,9 +162,21 @@ class LanguageModel:
     def __del__(self) -> None:
         self.close()
 
+    def metadata(self, key: str, default: str) -> str:
+        """A GGUF metadata value as llama.cpp prints it (``default`` when the file lacks the key)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else default
+
     # -- text ---------------------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_bos: bool, special: bool = False) -> list[int]:
-        """llama.cpp's SentencePiece tokenisation (BOS first when ``add_bos``)."""
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = False, dummy_prefix: bool = True) -> list[int]:
+        """llama.cpp's SentencePiece tokenisation (BOS first when ``add_bos``).
+
+        ``dummy_prefix``: start the text with SentencePiece's word-boundary space, as the tokenizer does at the
+        start of a text when its model says so (``add_space_prefix``).
+        """
+        if dummy_prefix and self.add_space_prefix and text:
+            text = " " + text
         data = text.encode("utf-8")
         size = len(data) + 8
         buf = (ctypes.c_int32 * size)()
@@ -162,6 +184,15 @@ class LanguageModel:
         if n < 0:
             raise InferenceError("llama.cpp could not tokenise the prompt.")
         return list(buf[:n])
+
+    def special_tokens(self) -> dict[str, int]:
+        """The text of each control or unknown token (``<s>``, ``</s>``, ``<unk>``) and its id: the tokens that
+        transformers' tokenizer recognises inside a text rather than spelling them out."""
+        if not hasattr(self, "_special"):
+            lib, wanted = self._lib, self._lib.LLAMA_TOKEN_ATTR_CONTROL | self._lib.LLAMA_TOKEN_ATTR_UNKNOWN
+            self._special = {lib.llama_vocab_get_text(self.vocab, t).decode("utf-8", "replace"): t
+                             for t in range(self.n_vocab) if lib.llama_vocab_get_attr(self.vocab, t) & wanted}
+        return self._special
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (control tokens give nothing)."""

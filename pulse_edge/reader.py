@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import codecs
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,11 +84,37 @@ class Reading:
         return asdict(self)
 
 
+def encode(llm: LanguageModel, text: str, *, bos: bool = False) -> list[int]:
+    """One piece of the prompt as PULSE's slow ``LlamaTokenizer`` encodes it (``tokenizer(piece).input_ids``).
+
+    The text of a control token (the end-of-turn ``</s>`` of a multi-turn prompt) becomes that token. The text
+    starts with SentencePiece's dummy space; after a control token it gets one only in the tokenizer's legacy
+    mode (``legacy=False`` encodes what follows ``</s>`` as it is).
+    """
+    special = llm.special_tokens()
+    ids: list[int] = []
+    start, first = 0, True
+    if special:
+        for match in re.finditer("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)), text):
+            ids += llm.tokenize(text[start:match.start()], add_bos=bos and first, dummy_prefix=first or llm.legacy)
+            ids.append(special[match.group()])
+            start, first = match.end(), False
+    return ids + llm.tokenize(text[start:], add_bos=bos and first, dummy_prefix=first or llm.legacy)
+
+
+def split_prompt(llm: LanguageModel, prompt: str) -> tuple[list[int], list[int]]:
+    """LLaVA's ``tokenizer_image_token``: each side of ``<image>`` encoded alone, BOS once at the start.
+
+    Only the first ``<image>`` (the one the template puts before the first question) is the image.
+    """
+    before, _, after = prompt.partition(IMAGE_PLACEHOLDER)
+    return encode(llm, before, bos=True), encode(llm, after)
+
+
 def prompt_pieces(llm: LanguageModel, question: str, template: Template = LLAVA_V1) -> tuple[list[int], list[int], str]:
-    """LLaVA's ``tokenizer_image_token``: each side of ``<image>`` tokenised alone, BOS once at the start."""
+    """The token ids before and after the image for a single question, and the prompt."""
     prompt = render([(question, None)], template)
-    before, after = prompt.split(IMAGE_PLACEHOLDER)
-    return llm.tokenize(before, add_bos=True), llm.tokenize(after, add_bos=False), prompt
+    return (*split_prompt(llm, prompt), prompt)
 
 
 class Reader:
@@ -180,13 +207,7 @@ class Reader:
                 f"{self.llm.n_ctx_train}. Lower --max-tokens to {max(self.llm.n_ctx_train - needed + generation.max_tokens, 0)} "
                 "or less."
             )
-        self.llm.ensure_context(needed)
-        start = time.perf_counter()
-        self.llm.truncate(0)
-        self.llm.feed_tokens(prefix)
-        self.llm.feed_embeddings(rows)
-        image_end = self.llm.n_past
-        image_prefill_s = time.perf_counter() - start
+        image_end, image_prefill_s = self._prefill(prefix, rows, needed)
         answers = []
         for index, (question, suffix) in enumerate(zip(questions, suffixes, strict=True)):
             self.llm.truncate(image_end)
@@ -195,15 +216,26 @@ class Reader:
         return Reading(
             image=image_name,
             answers=answers,
-            model={"name": self.files.name, "quant": self.files.quant,
-                   "language_model_sha256": self.files.language_model_sha256,
-                   "mmproj_sha256": self.files.mmproj_sha256},
+            model=self.model_info(),
             generation=generation,
             plan=plan.to_dict(),
             image_tokens=len(rows),
-            timings={"vision_s": vision_s, "image_prefill_s": image_prefill_s,
-                     "image_prefill_tok_s": (len(prefix) + len(rows)) / max(image_prefill_s, 1e-9)},
+            timings=_image_timings(vision_s, image_prefill_s, len(prefix) + len(rows)),
         )
+
+    def model_info(self) -> dict[str, str]:
+        """Which model answered: recorded with every reading."""
+        return {"name": self.files.name, "quant": self.files.quant,
+                "language_model_sha256": self.files.language_model_sha256, "mmproj_sha256": self.files.mmproj_sha256}
+
+    def _prefill(self, prefix: list[int], rows: np.ndarray, n_ctx: int) -> tuple[int, float]:
+        """A context of ``n_ctx`` holding the prompt up to the end of the image: that position, and the seconds."""
+        self.llm.ensure_context(n_ctx)
+        start = time.perf_counter()
+        self.llm.truncate(0)
+        self.llm.feed_tokens(prefix)
+        self.llm.feed_embeddings(rows)
+        return self.llm.n_past, time.perf_counter() - start
 
     def _answer(self, question: str, suffix: list[int], generation: Generation,
                 emit: TokenCallback | None) -> Answer:
@@ -245,6 +277,68 @@ class Reader:
                       prefill_tokens=len(suffix),
                       prefill_s=prefill_s, generation_s=time.perf_counter() - gen_start,
                       time_to_first_token_s=first)
+
+
+def _image_timings(vision_s: float, prefill_s: float, positions: int) -> dict[str, float]:
+    return {"vision_s": vision_s, "image_prefill_s": prefill_s, "image_prefill_tok_s": positions / max(prefill_s, 1e-9)}
+
+
+class Conversation:
+    """A multi-turn conversation about one image, with PULSE's multi-turn ``llava_v1`` prompt.
+
+    The image is encoded and prefilled once, when the conversation starts. Each question renders the whole
+    conversation as LLaVA does (earlier answers as their text, each closed by ``</s>``), encodes it the same
+    way, and feeds only what the KV cache does not already hold; so every turn sees exactly the input LLaVA's
+    own multi-turn loop would give the model, at the cost of its new tokens only.
+    """
+
+    def __init__(self, reader: Reader, image: Any, *, generation: Generation = Generation(), image_name: str = "") -> None:
+        self.reader = reader
+        self.generation = generation
+        self.image_name = image_name
+        self.turns: list[tuple[str, str]] = []
+        llm = reader.llm
+        prefix = split_prompt(llm, render([("", None)], reader.template))[0]
+        rows, plan, vision_s = reader.image_rows(image)
+        self.plan = plan.to_dict()
+        self.image_tokens = len(rows)
+        self.n_ctx = llm.n_ctx_train  # the whole window: the conversation grows into it
+        if len(prefix) + len(rows) + 16 > self.n_ctx:
+            raise InferenceError(f"This image needs {len(rows)} tokens: no room is left for a conversation in the "
+                                 f"model's context of {self.n_ctx}.")
+        self._image_end, prefill_s = reader._prefill(prefix, rows, self.n_ctx)
+        self.timings = _image_timings(vision_s, prefill_s, len(prefix) + len(rows))
+        self._cached: list[int] = []  # the token ids after the image that the KV cache holds
+
+    def ask(self, question: str, on_token: TokenCallback | None = None) -> Answer:
+        """Answer ``question`` given the conversation so far; the answer joins the conversation."""
+        llm = self.reader.llm
+        prompt = render([*self.turns, (question, None)], self.reader.template)
+        ids = split_prompt(llm, prompt)[1]
+        room = self.n_ctx - self._image_end - len(ids)
+        if room < 1:
+            raise InferenceError(f"The conversation has filled the model's context of {self.n_ctx} positions; "
+                                 "start again with /reset (the image stays read).")
+        # Reuse what the cache holds (at least the image); the last prompt token is always fed for its logits.
+        keep = 0
+        for cached, wanted in zip(self._cached, ids[:-1], strict=False):
+            if cached != wanted:
+                break
+            keep += 1
+        llm.truncate(self._image_end + keep)
+        generation = replace(self.generation, max_tokens=min(self.generation.max_tokens, room))
+        answer = self.reader._answer(question, ids[keep:], generation, on_token)
+        fed = answer.token_ids if answer.stopped == "eos" else answer.token_ids[:-1]  # the last one was not fed
+        self._cached = ids + fed
+        self.turns.append((question, answer.text))
+        return answer
+
+    def reset(self) -> None:
+        """Forget the questions and answers; the image stays read (its cache is kept)."""
+        self.turns = []
+
+    def positions_left(self) -> int:
+        return self.n_ctx - self.reader.llm.n_past
 
 
 @dataclass(frozen=True)

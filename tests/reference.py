@@ -80,6 +80,37 @@ def encode(folder: Path, text: str, bos: bool = True) -> list[int]:
     return [1, *ids] if bos else ids
 
 
+@lru_cache(maxsize=8)
+def _slow_backend(folder: Path, legacy: bool) -> Any:
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    return SentencePieceBackend(vocab_file=str(folder / "tokenizer.model"), legacy=legacy, bos_token="<s>",
+                                eos_token="</s>", unk_token="<unk>")
+
+
+def slow_llama_encode(folder: Path, text: str, bos: bool = True, legacy: bool | None = None) -> list[int]:
+    """PULSE's slow ``LlamaTokenizer`` (transformers 4.37, which LLaVA pins) on any text, special tokens included.
+
+    transformers' SentencePiece backend splits the text on special tokens (``</s>`` becomes EOS) and, with
+    ``legacy=False``, encodes each piece without SentencePiece's dummy prefix (the ``<unk>`` trick keeps a
+    leading space). The 4.37 ``LlamaTokenizer.tokenize`` wrapper on top, restated here: non-legacy, the whole
+    text is prefixed with "▁" (so only its start gets the word boundary), and a lone leading "▁" before a
+    special token is dropped; legacy, every piece is encoded with the dummy prefix.
+    ``legacy`` defaults to the checkpoint's tokenizer_config.json value (transformers' default: True).
+    """
+    if legacy is None:
+        legacy = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("legacy", True))
+    backend = _slow_backend(folder, legacy)
+    if legacy or not text:
+        tokens = backend.tokenize(text)
+    else:
+        tokens = backend.tokenize("\u2581" + text.replace("\u2581", " "))
+        if len(tokens) > 1 and tokens[0] == "\u2581" and tokens[1] in backend.all_special_tokens:
+            tokens = tokens[1:]
+    ids = list(backend.convert_tokens_to_ids(tokens))
+    return [1, *ids] if bos else ids
+
+
 def next_token_logits(folder: Path, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return language_model(folder)(torch.tensor([ids])).logits[0, -1].float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -54,7 +55,7 @@ class _SlowLlamaTokenizer:
         self.folder = folder
 
     def __call__(self, text: str) -> Any:
-        return type("Encoding", (), {"input_ids": reference.encode(self.folder, text)})()
+        return type("Encoding", (), {"input_ids": reference.slow_llama_encode(self.folder, text)})()
 
 
 def input_ids(folder: Path, prompt: str) -> list[int]:
@@ -73,8 +74,10 @@ def embed_tokens(folder: Path) -> torch.Tensor:
     return reference.checkpoint_state(folder)["model.embed_tokens.weight"].float()
 
 
-def llava_inputs(folder: Path, tower: Path, image: Any, question: str) -> LlavaInputs:
-    """The ``inputs_embeds`` LLaVA gives the language model for one question about ``image``."""
+def llava_inputs(folder: Path, tower: Path, image: Any, question: str,
+                 history: Sequence[tuple[str, str]] = ()) -> LlavaInputs:
+    """The ``inputs_embeds`` LLaVA gives the language model for ``question`` about ``image``, after the
+    ``(question, answer)`` turns of ``history`` (its multi-turn prompt)."""
     config = json.loads((folder / "config.json").read_text())
     pinpoints = config["image_grid_pinpoints"]
     pixels = reference.anyres_pixels(image, tower, pinpoints)
@@ -83,7 +86,7 @@ def llava_inputs(folder: Path, tower: Path, image: Any, question: str) -> LlavaI
     tile = int(pixels.shape[-1])
     merge = config.get("mm_patch_merge_type", "flat")
     rows = reference.merge_features(features, rgb.size, pinpoints, tile, merge, reference.image_newline(folder))
-    ids = input_ids(folder, llava_prompt([(question, None)]))
+    ids = input_ids(folder, llava_prompt([*history, (question, None)]))
     at = ids.index(IMAGE_TOKEN_INDEX)
     table = embed_tokens(folder)
     embeds = torch.cat([table[ids[:at]], rows, table[ids[at + 1:]]])

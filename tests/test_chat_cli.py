@@ -1,0 +1,100 @@
+"""``pulse-edge chat`` with questions piped in, the tiny model and the real llama.cpp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pulse_edge.inputs import load
+from pulse_edge.model import resolve
+from pulse_edge.reader import DISCLAIMER, Conversation, Generation, Reader
+from tests import images
+from tests.conftest import run_cli
+
+QUESTIONS = ["Is the rhythm regular?", "Why?", "Is there ST elevation?"]
+
+
+@pytest.fixture(scope="module")
+def ecg_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("chat") / "ECG ü 1.png"
+    images.scan("ecg00001.png").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected(converted_tiny, ecg_png: Path) -> list[str]:  # type: ignore[no-untyped-def]
+    """The answers of the library's Conversation: turn 3 follows a reset, so it is a first turn again."""
+    reader = Reader(resolve(converted_tiny.folder), threads=2)
+    try:
+        chat = Conversation(reader, load(ecg_png)[0].image, generation=Generation(max_tokens=6))
+        answers = [chat.ask(QUESTIONS[0]).text, chat.ask(QUESTIONS[1]).text]
+        chat.reset()
+        answers.append(chat.ask(QUESTIONS[2]).text)
+    finally:
+        reader.close()
+    return answers
+
+
+def test_piped_questions_get_the_conversations_answers(converted_tiny, ecg_png: Path, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    script = f"{QUESTIONS[0]}\n\n{QUESTIONS[1]}\n/history\n/reset\n{QUESTIONS[2]}\n/quit\nNever asked?\n"
+    result = run_cli("chat", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "6", input=script)
+    assert result.code == 0, result.stderr
+    history = [f"Q: {QUESTIONS[0]}", f"A: {expected[0]}", f"Q: {QUESTIONS[1]}", f"A: {expected[1]}"]
+    assert result.stdout.splitlines() == [f"[{DISCLAIMER}]", expected[0], expected[1], *history, expected[2]]
+    assert result.stderr == "Conversation cleared; the image stays read.\n"
+
+
+def test_json_gives_one_record_per_answer(converted_tiny, ecg_png: Path, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    result = run_cli("chat", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "6", "--json",
+                     input="\n".join(QUESTIONS[:2]))  # no newline at the end, no /quit: EOF ends it
+    assert result.code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["turn"], r["question"], r["answer"]) for r in records] == [
+        (1, QUESTIONS[0], expected[0]), (2, QUESTIONS[1], expected[1])]
+    first = records[0]
+    # the 3167 x 1580 scan picks the 1008 x 336 pinpoint: 3 tiles + the base image, 576 rows each
+    assert first["disclaimer"] == DISCLAIMER and first["image_tokens"] == 4 * 576
+    assert list(first["plan"]["pinpoint"]) == [1008, 336]
+    assert first["model"]["language_model_sha256"] == converted_tiny.manifest.language_model().sha256
+    assert first["generation"] == {"max_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    assert len(first["file_sha256"]) == 64
+    assert records[1]["timings"]["vision_s"] == first["timings"]["vision_s"]  # one vision pass for both
+
+
+def test_unknown_command_and_full_context_keep_the_chat_going(converted_tiny, ecg_png: Path, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    script = f"/frobnicate\n{'why ' * 2000}\n{QUESTIONS[0]}\n"
+    result = run_cli("chat", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "6", input=script)
+    assert result.code == 0, result.stderr
+    assert result.stdout.splitlines() == [f"[{DISCLAIMER}]", expected[0]]
+    assert result.stderr.splitlines() == [
+        "Unknown command /frobnicate; /help lists the commands.",
+        "Error: The conversation has filled the model's context of 4096 positions; start again with /reset "
+        "(the image stays read).",
+    ]
+
+
+def test_bad_inputs_fail_cleanly(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    missing = tmp_path / "nope.png"
+    result = run_cli("chat", missing, "--model", converted_tiny.folder, input="")
+    assert (result.code, result.stdout, result.stderr) == (1, "", f"Error: {missing}: no such file.\n")
+    tiff = tmp_path / "two pages.tif"
+    first, second = images.synthetic(400, 300), images.synthetic(300, 400, seed=1)
+    first.save(tiff, save_all=True, append_images=[second])
+    result = run_cli("chat", tiff, "--model", converted_tiny.folder, input="")
+    assert (result.code, result.stdout) == (1, "")
+    assert result.stderr == f"Error: {tiff} has 2 pages; choose the one to talk about with --page.\n"
+    result = run_cli("chat", tiff, "--page", "2", "--model", converted_tiny.folder, "--max-tokens", "2", input="Hi?\n")
+    assert result.code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_without_a_model_chat_says_how_to_get_one(tmp_path: Path) -> None:
+    image = tmp_path / "ecg.png"
+    images.synthetic(400, 300).save(image)
+    result = run_cli("chat", image, input="")
+    assert (result.code, result.stdout) == (1, "")
+    assert result.stderr.startswith("Error: No model given. Convert PULSE-7B on a connected machine "
+                                    "('pulse-edge convert PULSE-ECG/PULSE-7B --out DIR')")
+    assert "'pulse-edge models import DIR'" in result.stderr and "Traceback" not in result.stderr

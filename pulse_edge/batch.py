@@ -115,6 +115,7 @@ class Batch:
     todo: list[Item]  # those not already done
     threads: int | None = None
     gpu_layers: int | None = None
+    kv_type: str = "f16"
     _handle: int | None = field(default=None, repr=False)
     _reader: Reader | None = field(default=None, repr=False)
 
@@ -177,7 +178,7 @@ class Batch:
     def _loaded(self) -> Reader:
         # Loaded at the first item that needs it: a resume with nothing left to do never loads the model.
         if self._reader is None:
-            self._reader = Reader(self.files, threads=self.threads, gpu_layers=self.gpu_layers)
+            self._reader = Reader(self.files, threads=self.threads, gpu_layers=self.gpu_layers, kv_type=self.kv_type)
         return self._reader
 
     def _append(self, record: Record) -> None:
@@ -205,6 +206,7 @@ def open_batch(
     generation: Generation = DEFAULT_GENERATION,
     threads: int | None = None,
     gpu_layers: int | None = None,
+    kv_type: str = "f16",
     page: int | None = None,
     force: bool = False,
 ) -> Batch:
@@ -230,7 +232,7 @@ def open_batch(
     items = plan(inputs, recursive=recursive, page=page, shard=shard)
     handle = _open_output(out_path, truncate=force)
     try:
-        done = _done(out_path, handle, files, wanted, generation) if resume else {}
+        done = _done(out_path, handle, files, wanted, generation, kv_type) if resume else {}
         hashes: dict[Path, str | None] = {}
         todo = [item for item in items if not _is_done(item, done, hashes)]
     except BaseException:
@@ -238,7 +240,7 @@ def open_batch(
         raise
     log.debug("%d items in this shard, %d to read", len(items), len(todo))
     return Batch(out=out_path, csv=csv_path, questions=wanted, generation=generation, files=files, items=items,
-                 todo=todo, threads=threads, gpu_layers=gpu_layers, _handle=handle)
+                 todo=todo, threads=threads, gpu_layers=gpu_layers, kv_type=kv_type, _handle=handle)
 
 
 def plan(inputs: Sequence[PathLike], *, recursive: bool = False, page: int | None = None,
@@ -350,8 +352,10 @@ _DoneKey = Key
 _Done = dict[_DoneKey, str | None]  # item -> the SHA-256 of the file it was read from
 
 
-def _done(path: Path, handle: int, files: ModelFiles, questions: list[str], generation: Generation) -> _Done:
-    """Items already read with this model, these questions and these parameters; a torn tail is cut away."""
+def _done(path: Path, handle: int, files: ModelFiles, questions: list[str], generation: Generation,
+          kv_type: str) -> _Done:
+    """Items already read with this model, KV cache type, these questions and these parameters; a torn tail is
+    cut away."""
     done: _Done = {}
     wanted_model = (files.language_model_sha256, files.mmproj_sha256)
     wanted_parameters = asdict(generation)
@@ -364,6 +368,7 @@ def _done(path: Path, handle: int, files: ModelFiles, questions: list[str], gene
             model = record.get("model") or {}
             same = (record.get("status") == OK
                     and (model.get("language_model_sha256"), model.get("mmproj_sha256")) == wanted_model
+                    and model.get("kv_cache", "f16") == kv_type
                     and [a.get("question") for a in record.get("answers") or []] == questions
                     and record.get("parameters") == wanted_parameters)
             if same:

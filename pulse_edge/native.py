@@ -30,3 +30,20 @@ def llama_cpp() -> ModuleType:
         _callback = forward
         module.llama_log_set(_callback, ctypes.c_void_p(0))
     return module
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by Python/numpy back to the OS now.
+
+    glibc keeps freed heap memory for reuse: after a CLIP-L encode of 5 tiles and dropping the encoder, 0.5 GiB
+    stayed in the process (measured), beside the language model's KV cache that comes next. ``malloc_trim``
+    returns it. Elsewhere (macOS, Windows, musl) there is no such call and nothing is done.
+    """
+    import gc
+
+    gc.collect()  # arrays held only by reference cycles are freed first
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

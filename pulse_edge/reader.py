@@ -20,6 +20,7 @@ import numpy as np
 from pulse_edge.errors import InferenceError
 from pulse_edge.llm import LanguageModel, Sampling
 from pulse_edge.model import ModelFiles
+from pulse_edge.native import release_freed_memory
 from pulse_edge.prompt import IMAGE_PLACEHOLDER, LLAVA_V1, Template, render
 
 if TYPE_CHECKING:
@@ -175,6 +176,7 @@ class Reader:
         rows, plan = self.vision.embed(image)
         if not self.keep_vision:
             self._vision = None
+            release_freed_memory()
         return rows, plan, time.perf_counter() - start
 
     def prepare(self, image: Any, question: str) -> Prepared:
@@ -224,9 +226,10 @@ class Reader:
         )
 
     def model_info(self) -> dict[str, str]:
-        """Which model answered: recorded with every reading."""
+        """Which model answered, with its KV cache type: recorded with every reading."""
         return {"name": self.files.name, "quant": self.files.quant,
-                "language_model_sha256": self.files.language_model_sha256, "mmproj_sha256": self.files.mmproj_sha256}
+                "language_model_sha256": self.files.language_model_sha256, "mmproj_sha256": self.files.mmproj_sha256,
+                "kv_cache": self.llm.kv_type}
 
     def _prefill(self, prefix: list[int], rows: np.ndarray, n_ctx: int) -> tuple[int, float]:
         """A context of ``n_ctx`` holding the prompt up to the end of the image: that position, and the seconds."""

@@ -110,6 +110,12 @@ def test_folder_with_a_bad_file_then_resume_rereads_only_what_changed(converted_
     assert (again.stdout, again.stderr) == ("", "0 read, 0 failed, 4 skipped (already done)\n")
     assert out.read_bytes() == before
 
+    # Another KV cache type is another setting: everything is read again, and recorded with it.
+    other = run_cli(*args, "--resume", "--kv-cache", "q8_0")
+    assert other.code == 0, other.stderr
+    assert other.stderr == "4 read, 0 failed, 0 skipped (already done)\n"
+    assert [r["model"]["kv_cache"] for r in _records(out)[-4:]] == ["q8_0"] * 4
+
 
 def _wait_for_lines(path: Path, count: int, proc: subprocess.Popen[str], timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout

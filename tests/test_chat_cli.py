@@ -98,3 +98,48 @@ def test_without_a_model_chat_says_how_to_get_one(tmp_path: Path) -> None:
     assert result.stderr.startswith("Error: No model given. Convert PULSE-7B on a connected machine "
                                     "('pulse-edge convert PULSE-ECG/PULSE-7B --out DIR')")
     assert "'pulse-edge models import DIR'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_on_a_terminal_it_prompts_streams_and_quits(converted_tiny, ecg_png: Path, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pulse_edge", "chat", str(ecg_png), "--model",
+                             str(converted_tiny.folder), "--max-tokens", "6"],
+                            stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "TERM": "dumb"})
+    os.close(slave)
+    seen = b""
+
+    def until(marker: bytes, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+
+    try:
+        until(b"/help lists the commands.")
+        until(b"> ")
+        start = len(seen)
+        os.write(master, f"{QUESTIONS[0]}\n".encode())
+        until(expected[0].encode())
+        until(b"> ", 60)
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    text = seen.decode(errors="replace").replace("\r\n", "\n")
+    assert f"Reading {ecg_png} ..." in text and "Ready (2304 image tokens" in text
+    assert f"[{DISCLAIMER}]" in text
+    assert expected[0] in seen[start:].decode(errors="replace")  # the streamed answer, after the question

@@ -113,3 +113,13 @@ def test_verbose_shows_llama_cpp_logs(converted_tiny, tmp_path: Path) -> None:  
     result = run_cli("--verbose", "read", path, "--model", converted_tiny.folder, "--max-tokens", "1")
     assert result.code == 0, result.stderr
     assert "llama_model_loader" in result.stderr or "llama_context" in result.stderr
+
+
+def test_kv_cache_type_is_chosen_and_recorded(converted_tiny, ecg_png: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "3", "--json",
+                     "--kv-cache", "q8_0")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["kv_cache"] == "q8_0"
+    result = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--kv-cache", "q4")
+    assert (result.code, result.stdout) == (1, "")
+    assert result.stderr == "Error: KV cache type 'q4' is not one of f32, f16, q8_0.\n"

@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from pulse_edge.cli import options
 from pulse_edge.cli.render import stderr
 from pulse_edge.questions import DEFAULT_QUESTION
 from pulse_edge.reader import DEFAULT_MAX_TOKENS
@@ -55,16 +56,15 @@ def batch_command(
         typer.Option("--shard", metavar="I/N", help="Read only the I-th of N equal shares of the sorted pages "
                                                     "(one per machine; together they cover everything)."),
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder, manifest.json, or store name.")] = None,
-    quant: Annotated[str | None, typer.Option("--quant", help="Language-model type [default: the model's].")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")] = DEFAULT_MAX_TOKENS,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 answers greedily (PULSE's evaluation).")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed (with --temperature above 0).")] = 0,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: physical cores].")] = None,
-    gpu_layers: Annotated[
-        int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU [default: all, when built with one].")
-    ] = None,
+    model: options.Model = None,
+    quant: options.Quant = None,
+    max_tokens: options.MaxTokens = DEFAULT_MAX_TOKENS,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    seed: options.Seed = 0,
+    threads: options.Threads = None,
+    gpu_layers: options.GpuLayers = None,
+    kv_cache: options.KvCache = "f16",
     page: Annotated[int | None, typer.Option(min=1, help="Read only this page of each file (1-based).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start OUT (and --csv) over if they exist.")] = False,
 ) -> None:
@@ -85,7 +85,7 @@ def batch_command(
     try:
         with open_batch(inputs, out=out, csv=csv, questions=question or [], recursive=recursive, resume=resume,
                         shard=parts, model=model, quant=quant, generation=generation, threads=threads,
-                        gpu_layers=gpu_layers, page=page, force=force) as batch:
+                        gpu_layers=gpu_layers, kv_type=kv_cache, page=page, force=force) as batch:
             progress = Progress(TextColumn("Reading"), BarColumn(), MofNCompleteColumn(), _SecondsPerItem(),
                                 TimeRemainingColumn(), console=console, disable=not console.is_terminal)
             try:

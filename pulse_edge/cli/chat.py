@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from pulse_edge.cli import options
 from pulse_edge.cli.render import stderr, stdout
 from pulse_edge.errors import InferenceError, PulseEdgeError
 
@@ -42,17 +43,17 @@ def _questions(interactive: bool) -> Iterator[str]:
 
 def chat_command(
     image: Annotated[Path, typer.Argument(help="One ECG image: PNG, JPEG, WebP, BMP, GIF, TIFF, PDF or DICOM.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder, manifest, or store name.")] = None,
-    quant: Annotated[str | None, typer.Option(help="Which of the model's quants [default: the manifest's].")] = None,
+    model: options.Model = None,
+    quant: options.Quant = None,
     page: Annotated[int | None, typer.Option(min=1, help="Page of a PDF/TIFF/DICOM (1-based) [default: the only one].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per answer on stdout.")] = False,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 1024,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy, as in PULSE's evaluation.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: physical cores].")] = None,
-    gpu_layers: Annotated[int | None, typer.Option(help="Layers on the GPU [default: all when the build has one].")] = None,
-    kv_cache: Annotated[str, typer.Option(help="KV cache type: f16, f32, or q8_0 (8-bit keys, less memory).")] = "f16",
+    max_tokens: options.MaxTokens = 1024,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    seed: options.Seed = 0,
+    threads: options.Threads = None,
+    gpu_layers: options.GpuLayers = None,
+    kv_cache: options.KvCache = "f16",
 ) -> None:
     """Talk with PULSE about one ECG image, turn by turn.
 

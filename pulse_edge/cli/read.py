@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from pulse_edge.cli import options
 from pulse_edge.cli.render import stderr, stdout
 from pulse_edge.errors import PulseEdgeError
 
@@ -19,15 +20,16 @@ def read_command(
     ] = None,
     report: Annotated[bool, typer.Option("--report", help="Ask PULSE for a full report.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder, manifest, or store name.")] = None,
-    quant: Annotated[str | None, typer.Option(help="Which of the model's quants [default: the manifest's].")] = None,
-    page: Annotated[int | None, typer.Option(help="Page of a PDF/TIFF/DICOM (1-based) [default: all].")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 1024,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy, as in PULSE's evaluation.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling (with --temperature).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: physical cores].")] = None,
-    gpu_layers: Annotated[int | None, typer.Option(help="Layers on the GPU [default: all when the build has one].")] = None,
+    model: options.Model = None,
+    quant: options.Quant = None,
+    page: Annotated[int | None, typer.Option(min=1, help="Page of a PDF/TIFF/DICOM (1-based) [default: all].")] = None,
+    max_tokens: options.MaxTokens = 1024,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    seed: options.Seed = 0,
+    threads: options.Threads = None,
+    gpu_layers: options.GpuLayers = None,
+    kv_cache: options.KvCache = "f16",
 ) -> None:
     """Read ECG images with PULSE and answer questions about them.
 
@@ -49,7 +51,7 @@ def read_command(
         if not path.exists():
             raise PulseEdgeError(f"{path}: no such file.")
     files = resolve(model, quant, check_hashes=True)
-    reader = Reader(files, threads=threads, gpu_layers=gpu_layers)
+    reader = Reader(files, threads=threads, gpu_layers=gpu_layers, kv_type=kv_cache)
     out = stdout()
     stream = out.is_terminal and not as_json
     failed = 0

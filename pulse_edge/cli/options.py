@@ -1,0 +1,23 @@
+"""Options shared by the commands that read ECGs (read, chat, batch): one definition, one help text."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Model folder, manifest.json, or store name.")]
+Quant = Annotated[str | None, typer.Option("--quant", help="Which of the model's quants [default: the manifest's].")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")]
+Temperature = Annotated[float, typer.Option(min=0.0, help="0 answers greedily, as in PULSE's evaluation.")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature).")]
+Seed = Annotated[int, typer.Option(help="Sampling seed (with --temperature above 0).")]
+Threads = Annotated[int | None, typer.Option(min=1, help="CPU threads [default: physical cores].")]
+GpuLayers = Annotated[
+    int | None, typer.Option("--gpu-layers", help="Layers to offload to the GPU [default: all, when built with one].")
+]
+KvCache = Annotated[
+    str,
+    typer.Option("--kv-cache", help="KV cache: f16; f32 (exact, twice the memory); q8_0 (8-bit keys: 0.47 GiB less "
+                                    "for a 7B at 4,096 positions, logits within ~4e-3)."),
+]

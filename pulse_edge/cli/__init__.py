@@ -42,13 +42,15 @@ def _root(
 
 
 def _register() -> None:
-    from pulse_edge.cli import batch, convert, inspect, models, read
+    from pulse_edge.cli import batch, chat, convert, doctor, inspect, models, read
 
     app.command(name="read")(read.read_command)
+    app.command(name="chat")(chat.chat_command)
     app.command(name="batch")(batch.batch_command)
     app.command(name="inspect")(inspect.inspect_command)
     app.command(name="convert")(convert.convert_command)
     app.add_typer(models.models_app, name="models")
+    app.command(name="doctor")(doctor.doctor_command)
 
 
 _register()

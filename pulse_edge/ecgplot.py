@@ -2,7 +2,9 @@
 
 Standard layout: a 3x4 grid of 2.5-second lead segments (I, II, III | aVR, aVL, aVF | V1-V3 | V4-V6)
 and a 10-second lead II rhythm strip, 25 mm/s, 10 mm/mV, on millimetre paper with 5 mm major lines,
-each row starting with a 1 mV calibration pulse. Letter landscape at 200 dpi (2200 x 1700 pixels).
+each row starting with a 1 mV calibration pulse. Letter landscape at 200 dpi (2200 x 1700 pixels). The text
+(lead labels, the footer) is drawn with the project's stroke font (``strokefont``), never a Pillow font, so the
+page has the same pixels under every Pillow version.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pulse_edge.strokefont import draw_text
+
 LAYOUT = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF", "V3", "V6"))
 RHYTHM_LEAD = "II"
 SPEED_MM_S = 25.0
@@ -22,6 +26,8 @@ DPI = 200
 MINOR = (255, 192, 192)
 MAJOR = (235, 110, 110)
 TRACE = (0, 0, 0)
+TEXT_UNIT_MM = 25.4 / 200  # the stroke font's grid unit: one pixel at 200 dpi, capitals 1 mm tall
+FOOTER = f"{SPEED_MM_S:g} mm/s   {GAIN_MM_MV:g} mm/mV"
 
 # DICOM / SCP-ECG lead names -> the short names used on printouts.
 LEAD_NAMES = {
@@ -60,6 +66,7 @@ def render(recording: Recording, *, dpi: int = DPI, seconds: float = 10.0) -> Im
     row_mm = (PAPER_MM[1] - 25.0) / 4
     segment_s = seconds / 4
     line = max(1, round(px_mm * 0.3))
+    text_unit = TEXT_UNIT_MM * px_mm
 
     def trace(signal: np.ndarray, x0_mm: float, baseline_mm: float, duration_s: float) -> None:
         n = min(len(signal), int(round(duration_s * recording.rate)))
@@ -76,7 +83,7 @@ def render(recording: Recording, *, dpi: int = DPI, seconds: float = 10.0) -> Im
         draw.line([(x * px_mm, y * px_mm) for x, y in points_mm], fill=TRACE, width=line)
 
     def label(text: str, x_mm: float, baseline_mm: float) -> None:
-        draw.text(((x_mm + 1) * px_mm, (baseline_mm - 9) * px_mm), text, fill=TRACE)
+        draw_text(draw, ((x_mm + 1) * px_mm, (baseline_mm - 9) * px_mm), text, unit=text_unit, fill=TRACE)
 
     start_mm = left_mm + cal_mm
     for row, names in enumerate(LAYOUT):
@@ -93,8 +100,7 @@ def render(recording: Recording, *, dpi: int = DPI, seconds: float = 10.0) -> Im
     label(RHYTHM_LEAD, start_mm, baseline)
     if RHYTHM_LEAD in recording.leads:
         trace(recording.leads[RHYTHM_LEAD], start_mm, baseline, seconds)
-    footer = f"{SPEED_MM_S:g} mm/s   {GAIN_MM_MV:g} mm/mV"
-    draw.text((left_mm * px_mm, (PAPER_MM[1] - 6) * px_mm), footer, fill=TRACE)
+    draw_text(draw, (left_mm * px_mm, (PAPER_MM[1] - 6) * px_mm), FOOTER, unit=text_unit, fill=TRACE)
     return page
 
 

@@ -223,6 +223,7 @@ def _run(steps: _Steps, work: Path, expected_path: Path, threads: int | None, gp
          ) -> tuple[str, dict[str, float]]:
     import numpy as np
     import PIL
+    import pydicom
 
     known: dict[str, Any] = {}
     with steps.step("known values", REINSTALL):
@@ -273,9 +274,9 @@ def _run(steps: _Steps, work: Path, expected_path: Path, threads: int | None, gp
     if pixels_sha256(page) != page_known["pixels_sha256"]:
         steps.add("input", FAIL,
                   f"{ECG_FILE} was drawn as a {page.size[0]} x {page.size[1]} printout whose pixels differ from the "
-                  f"known {page_known['size'][0]} x {page_known['size'][1]} one (Pillow {PIL.__version__} here, "
-                  f"{made_with['pillow']} for the known values: the lead labels use Pillow's default font), so no "
-                  "number below could match.", f"Install Pillow {made_with['pillow']}, or: {REPORT}",
+                  f"known {page_known['size'][0]} x {page_known['size'][1]} one (Pillow {PIL.__version__} and "
+                  f"pydicom {pydicom.__version__} here; the known values were made with Pillow {made_with['pillow']}, "
+                  f"pydicom {made_with['pydicom']}), so no number below could match.", REPORT,
                   time.perf_counter() - start)
     steps.add("input", OK, f"{ECG_FILE} (pydicom's real 12-lead ECG) drawn as the known "
               f"{page.size[0]} x {page.size[1]} printout", seconds=time.perf_counter() - start)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
 
 from pulse_edge import selftest
 from pulse_edge.inputs import load
@@ -66,7 +65,7 @@ def compute(work: Path) -> dict[str, Any]:
         "question": selftest.QUESTION,
         "checkpoint_sha256": selftest.checkpoint_hashes(checkpoint),
         "language_model_sha256": lm_sha,
-        "page": {"size": list(image.size), "pixels_sha256": selftest.pixels_sha256(image), "pillow": PIL.__version__},
+        "page": {"size": list(image.size), "pixels_sha256": selftest.pixels_sha256(image)},
         "plan": {"original_size": list(image.size), "pinpoint": pinpoint,
                  "grid": [pinpoint[0] // tile, pinpoint[1] // tile], "image_tokens": int(rows.shape[0])},
         "prompt": {"prefix_ids": ref.ids[:at], "suffix_ids": ref.ids[at + 1:]},

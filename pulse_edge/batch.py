@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from pulse_edge.errors import ImageError, PulseEdgeError
 from pulse_edge.inputs import PathLike, count_pages, find_inputs, iter_pages
+from pulse_edge.llm import KV_AUTO, auto_kv_type
 from pulse_edge.model import ModelFiles, resolve
 from pulse_edge.questions import DEFAULT_QUESTION
 from pulse_edge.reader import Generation, Reader, Reading
@@ -115,7 +116,7 @@ class Batch:
     todo: list[Item]  # those not already done
     threads: int | None = None
     gpu_layers: int | None = None
-    kv_type: str = "f16"
+    kv_type: str = "auto"
     _handle: int | None = field(default=None, repr=False)
     _reader: Reader | None = field(default=None, repr=False)
 
@@ -206,7 +207,7 @@ def open_batch(
     generation: Generation = DEFAULT_GENERATION,
     threads: int | None = None,
     gpu_layers: int | None = None,
-    kv_type: str = "f16",
+    kv_type: str = "auto",
     page: int | None = None,
     force: bool = False,
 ) -> Batch:
@@ -359,6 +360,7 @@ def _done(path: Path, handle: int, files: ModelFiles, questions: list[str], gene
     done: _Done = {}
     wanted_model = (files.language_model_sha256, files.mmproj_sha256)
     wanted_parameters = asdict(generation)
+    wanted_kv = auto_kv_type(files.quant) if kv_type == KV_AUTO else kv_type
     end = 0
     with open(os.dup(handle), "rb") as stream:  # a duplicate: closing it keeps our descriptor (and lock)
         stream.seek(0)
@@ -368,7 +370,7 @@ def _done(path: Path, handle: int, files: ModelFiles, questions: list[str], gene
             model = record.get("model") or {}
             same = (record.get("status") == OK
                     and (model.get("language_model_sha256"), model.get("mmproj_sha256")) == wanted_model
-                    and model.get("kv_cache", "f16") == kv_type
+                    and model.get("kv_cache", "f16") == wanted_kv
                     and [a.get("question") for a in record.get("answers") or []] == questions
                     and record.get("parameters") == wanted_parameters)
             if same:

@@ -63,11 +63,12 @@ CPU_FLAGS = {
 # Missing these from a build costs real speed on a CPU that has them.
 SPEED_FEATURES = ("AVX2", "FMA", "F16C", "AVX512", "NEON", "DOTPROD")
 
-# Memory for one reading. Measured peak RSS for 7B Q4_K_M (2,880 image tokens + 128 new tokens, ~3,070
-# positions): 6.38 GiB (benchmarks/README.md). It is the two files (the language model memory-mapped, the
-# mmproj's float16 matrices), the float16 KV cache, and ~0.5 GiB of llama.cpp compute buffers and vision
-# activations; the estimate below takes the cache at the model's full context, the most a reading can use.
-MEASURED_7B_Q4_K_M_PEAK = int(6.38 * GIB)
+# Memory for one reading. Measured peak RSS for 7B Q4_K_M at a 4,096-position context (2,880 image tokens +
+# 128 new tokens; benchmarks/README.md): 5.89 GiB with the default cache (8-bit keys for quantised weights),
+# 6.35 GiB with an f16 one. It is the language model (memory-mapped, 3.85 GiB), the KV cache, and ~0.3 GiB of
+# compute buffers and working memory; the vision encoder is loaded only while no KV cache exists. The estimate
+# below is an upper bound: both files, an f16 cache at the model's full context, and 0.5 GiB.
+MEASURED_7B_Q4_K_M_PEAK = int(5.89 * GIB)
 WORKING_MEMORY = GIB // 2
 KV_BYTES = 2  # float16 keys and values ('read' default)
 # Free disk below which importing PULSE-7B Q4_K_M (4.1 GB language model + 0.6 GB mmproj) will not fit.

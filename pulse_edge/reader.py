@@ -127,7 +127,7 @@ class Reader:
         *,
         threads: int | None = None,
         gpu_layers: int | None = None,
-        kv_type: str = "f16",
+        kv_type: str = "auto",
         template: Template = LLAVA_V1,
         keep_vision: bool | None = None,
     ) -> None:

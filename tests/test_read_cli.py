@@ -115,11 +115,18 @@ def test_verbose_shows_llama_cpp_logs(converted_tiny, tmp_path: Path) -> None:  
     assert "llama_model_loader" in result.stderr or "llama_context" in result.stderr
 
 
-def test_kv_cache_type_is_chosen_and_recorded(converted_tiny, ecg_png: Path) -> None:  # type: ignore[no-untyped-def]
-    result = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "3", "--json",
-                     "--kv-cache", "q8_0")
+@pytest.mark.parametrize(("quant", "kv_cache", "expected"), [
+    ("F32", None, "f32"), ("F16", None, "f16"), ("Q8_0", None, "q8_0"), ("F32", "q8_0", "q8_0")])
+def test_kv_cache_type_follows_the_weights_unless_chosen(converted_tiny, ecg_png: Path, quant: str,  # type: ignore[no-untyped-def]
+                                                         kv_cache: str | None, expected: str) -> None:
+    chosen = ("--kv-cache", kv_cache) if kv_cache else ()
+    result = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--quant", quant, "--max-tokens", "2", "--json",
+                     *chosen)
     assert result.code == 0, result.stderr
-    assert json.loads(result.stdout)["model"]["kv_cache"] == "q8_0"
+    assert json.loads(result.stdout)["model"]["kv_cache"] == expected
+
+
+def test_an_unknown_kv_cache_type_is_refused(converted_tiny, ecg_png: Path) -> None:  # type: ignore[no-untyped-def]
     result = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--kv-cache", "q4")
     assert (result.code, result.stdout) == (1, "")
-    assert result.stderr == "Error: KV cache type 'q4' is not one of f32, f16, q8_0.\n"
+    assert result.stderr == "Error: KV cache type 'q4' is not one of auto, f32, f16, q8_0.\n"

@@ -64,7 +64,7 @@ def batch_command(
     seed: options.Seed = 0,
     threads: options.Threads = None,
     gpu_layers: options.GpuLayers = None,
-    kv_cache: options.KvCache = "f16",
+    kv_cache: options.KvCache = "auto",
     page: Annotated[int | None, typer.Option(min=1, help="Read only this page of each file (1-based).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start OUT (and --csv) over if they exist.")] = False,
 ) -> None:

@@ -53,7 +53,7 @@ def chat_command(
     seed: options.Seed = 0,
     threads: options.Threads = None,
     gpu_layers: options.GpuLayers = None,
-    kv_cache: options.KvCache = "f16",
+    kv_cache: options.KvCache = "auto",
 ) -> None:
     """Talk with PULSE about one ECG image, turn by turn.
 

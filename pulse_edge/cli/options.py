@@ -18,6 +18,6 @@ GpuLayers = Annotated[
 ]
 KvCache = Annotated[
     str,
-    typer.Option("--kv-cache", help="KV cache: f16; f32 (exact, twice the memory); q8_0 (8-bit keys: 0.47 GiB less "
-                                    "for a 7B at 4,096 positions, logits within ~4e-3)."),
+    typer.Option("--kv-cache", help="KV cache: auto (as precise as the weights: f32 for F32, f16 for F16/BF16, 8-bit "
+                                    "keys for quantised ones), f32, f16, or q8_0 (8-bit keys, f16 values)."),
 ]

@@ -29,7 +29,7 @@ def read_command(
     seed: options.Seed = 0,
     threads: options.Threads = None,
     gpu_layers: options.GpuLayers = None,
-    kv_cache: options.KvCache = "f16",
+    kv_cache: options.KvCache = "auto",
 ) -> None:
     """Read ECG images with PULSE and answer questions about them.
 

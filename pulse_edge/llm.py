@@ -107,6 +107,7 @@ class LanguageModel:
         overrides[0].key = b"tokenizer.ggml.add_space_prefix"
         overrides[0].value.val_bool = False
         mparams.kv_overrides = overrides
+        self._kv_overrides = overrides  # kept alive with the model, in case llama.cpp reads them after loading
         self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise ModelError(
@@ -163,18 +164,20 @@ class LanguageModel:
         self.n_ctx = lib.llama_n_ctx(self.ctx)
         self.n_past = 0
 
+    # The handle is cleared before the C call frees it: a Ctrl-C during that call raises KeyboardInterrupt as soon
+    # as it returns, and a handle still set then would be freed a second time by close() (a crash, seen in a test).
     def release_context(self) -> None:
         """Free the context and its KV cache (the next ensure_context makes a new one)."""
-        if getattr(self, "ctx", None):
-            self._lib.llama_free(self.ctx)
-            self.ctx = None
+        ctx, self.ctx = getattr(self, "ctx", None), None
         self.n_ctx = self.n_past = 0
+        if ctx:
+            self._lib.llama_free(ctx)
 
     def close(self) -> None:
         self.release_context()
-        if getattr(self, "model", None):
-            self._lib.llama_model_free(self.model)
-            self.model = None
+        model, self.model = getattr(self, "model", None), None
+        if model:
+            self._lib.llama_model_free(model)
 
     def __del__(self) -> None:
         self.close()

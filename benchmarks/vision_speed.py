@@ -2,9 +2,9 @@
 
     python benchmarks/vision_speed.py [--tiles 5] [--repeat 1] [--blocks 23] [--save]
 
-Random weights (rounded through float16, as an f16 mmproj holds them) are built in memory; nothing is read
-from disk. Reports the seconds ``VisionEncoder.encode`` takes for ``--tiles`` pieces (a landscape 12-lead page
-is 5: base image + 2x2 tiles), and the CPU that other processes used meanwhile (the machine may be shared).
+Random float16 weights (as an f16 mmproj holds them) are built in memory; nothing is read from disk. Reports
+the seconds ``VisionEncoder.encode`` takes for ``--tiles`` pieces (a landscape 12-lead page is 5: base image +
+2x2 tiles), and the CPU that other processes used meanwhile (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def random_encoder(blocks: int, seed: int = 0) -> VisionEncoder:
     d, f, h = config.width, config.ffn, config.output_width
 
     def w(*shape: int, std: float = 0.02) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float16).astype(np.float32)
+        """float16 values, as an f16 mmproj holds them; the encoder widens the matrices per use, as from a file."""
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float16)
 
     weights = {"v.class_embd": w(d), "v.patch_embd.weight": w(d, 3, 14, 14), "v.position_embd.weight": w(577, d),
                "v.pre_ln.weight": 1 + w(d), "v.pre_ln.bias": w(d),

@@ -27,6 +27,7 @@ import numpy as np
 
 from pulse_edge.errors import ImageError, ModelError
 from pulse_edge.image import ImageParams, TilePlan, pairs
+from pulse_edge.native import widen_f16
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -134,12 +135,40 @@ def quick_gelu_(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _f32(weight: np.ndarray) -> np.ndarray:
-    """A matrix kept in the mmproj's float16 (half the memory: ~0.6 GiB for CLIP-L), widened for one use.
+class _Widened:
+    """Weight matrices as float32, one matmul at a time, in one reused buffer.
 
-    float16 -> float32 is exact, so the products are the same as with float32 weights kept throughout.
+    The mmproj's float16 matrices stay in its memory map (no copy at load: ~0.6 GiB for CLIP-L) and are widened
+    just before their matmul; float16 -> float32 is exact, so the products are those of float32 weights. Each
+    matrix is used once per image (all pieces go through the matmuls together), so this costs no more than
+    widening at load. Several parts are stacked by rows (q, k and v make one matmul).
     """
-    return weight if weight.dtype == F32 else weight.astype(F32)
+
+    def __init__(self, workers: _Workers, size: int) -> None:
+        self.workers = workers
+        self.buffer = np.empty(size, dtype=F32)
+
+    def __call__(self, *parts: np.ndarray) -> np.ndarray:
+        if len(parts) == 1 and parts[0].dtype == F32:
+            return parts[0]
+        out = self.buffer[:sum(p.size for p in parts)].reshape(-1, parts[0].shape[1])
+        row = 0
+        for part in parts:
+            self.workers.split(_widen(part, out[row:row + part.shape[0]]), part.shape[0])
+            row += part.shape[0]
+        return out
+
+
+def _widen(src: np.ndarray, dst: np.ndarray) -> Callable[[int, int], None]:
+    """Row-range job: ``dst = src`` as float32 (float16 through llama.cpp's vectorised loop)."""
+
+    def run(a: int, b: int) -> None:
+        if src.dtype == np.float16:
+            widen_f16(src[a:b], dst[a:b])
+        else:
+            dst[a:b] = src[a:b]
+
+    return run
 
 
 ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"quick_gelu": quick_gelu_, "gelu": gelu_}
@@ -263,7 +292,9 @@ def default_threads() -> int:
 class _Block:
     ln1_w: np.ndarray
     ln1_b: np.ndarray
-    qkv_w: np.ndarray  # (3d, d): q rows pre-scaled by head_dim**-0.5, then k, then v
+    q_w: np.ndarray  # matrices: the file's float16 (memory-mapped) or float32; q is scaled after widening
+    k_w: np.ndarray
+    v_w: np.ndarray
     q_b: np.ndarray  # q's bias, pre-scaled; k's bias cancels in the softmax, v's is folded into out_b
     out_w: np.ndarray
     out_b: np.ndarray
@@ -314,14 +345,15 @@ class VisionEncoder:
             raise ModelError(f"{source}: vision activation {c.activation!r} is not supported "
                              f"(known: {', '.join(ACTIVATIONS)}).")
 
-        def take(name: str, shape: tuple[int, ...], stored: bool = False) -> np.ndarray:
-            """A weight as float32, or with ``stored`` in the file's own float16 (cast per use by ``_f32``)."""
+        def take(name: str, shape: tuple[int, ...], matrix: bool = False) -> np.ndarray:
+            """A vector as an owned float32 copy; a ``matrix`` as the file holds it (float16 or float32, read-only
+            views of the memory map kept as they are: never written, widened per use by ``_Widened``)."""
             if name not in weights:
                 raise ModelError(f"{source}: tensor {name} is missing; convert the model again.")
             source_array = weights[name]
-            dtype = np.float16 if stored and source_array.dtype == np.float16 else F32
+            dtype = source_array.dtype if matrix and source_array.dtype in (np.float16, F32) else F32
             array = np.ascontiguousarray(source_array, dtype=dtype)
-            if not array.flags.writeable:  # an F32 tensor is a view of the file's memory map: own a copy
+            if not matrix and not array.flags.writeable:  # a view of the file's memory map: own a copy
                 array = array.copy()
             if array.shape != shape:
                 raise ModelError(f"{source}: tensor {name} has shape {list(array.shape)}, expected {list(shape)}; "
@@ -339,22 +371,21 @@ class VisionEncoder:
         for i in range(c.blocks):
             t = {n: f"v.blk.{i}.{n}" for n in _LAYER_NAMES}
             take(t["attn_k.bias"], (d,))  # present and well-shaped, but q.(k + b) - q.b is a per-row constant
-            out_w, v_b = take(t["attn_out.weight"], (d, d), stored=True), take(t["attn_v.bias"], (d,))
+            out_w, v_b = take(t["attn_out.weight"], (d, d), matrix=True), take(t["attn_v.bias"], (d,))
             # softmax rows sum to 1, so attention adds v's bias to every row unchanged: out_w @ v_b + out_b.
             out_b = (out_w.astype(np.float64) @ v_b + take(t["attn_out.bias"], (d,))).astype(F32)
-            q_w = take(t["attn_q.weight"], (d, d), stored=True)
             self.blocks.append(_Block(
                 ln1_w=take(t["ln1.weight"], (d,)), ln1_b=take(t["ln1.bias"], (d,)),
-                # the scale is a power of two (1/8 for head_dim 64): exact in float16 too
-                qkv_w=np.concatenate([q_w * q_w.dtype.type(scale), take(t["attn_k.weight"], (d, d), stored=True),
-                                      take(t["attn_v.weight"], (d, d), stored=True)]),
+                q_w=take(t["attn_q.weight"], (d, d), matrix=True), k_w=take(t["attn_k.weight"], (d, d), matrix=True),
+                v_w=take(t["attn_v.weight"], (d, d), matrix=True),
                 q_b=take(t["attn_q.bias"], (d,)) * scale, out_w=out_w, out_b=out_b,
                 ln2_w=take(t["ln2.weight"], (d,)), ln2_b=take(t["ln2.bias"], (d,)),
-                up_w=take(t["ffn_up.weight"], (f, d), stored=True), up_b=take(t["ffn_up.bias"], (f,)),
-                down_w=take(t["ffn_down.weight"], (d, f), stored=True), down_b=take(t["ffn_down.bias"], (d,)),
+                up_w=take(t["ffn_up.weight"], (f, d), matrix=True), up_b=take(t["ffn_up.bias"], (f,)),
+                down_w=take(t["ffn_down.weight"], (d, f), matrix=True), down_b=take(t["ffn_down.bias"], (d,)),
             ))
-        self.mm0 = (take("mm.0.weight", (h, d), stored=True), take("mm.0.bias", (h,)))
-        self.mm2 = (take("mm.2.weight", (h, h), stored=True), take("mm.2.bias", (h,)))
+        self.q_scale = scale
+        self.mm0 = (take("mm.0.weight", (h, d), matrix=True), take("mm.0.bias", (h,)))
+        self.mm2 = (take("mm.2.weight", (h, h), matrix=True), take("mm.2.bias", (h,)))
         self.image_newline = take("v.image_newline", (h,)) if "v.image_newline" in weights else None
         if params.merge_type == "spatial_unpad" and self.image_newline is None:
             raise ModelError(f"{source}: spatial_unpad merge needs v.image_newline, which is missing.")
@@ -458,10 +489,12 @@ class VisionEncoder:
         n = pixels.shape[0]
         out = np.empty((n, c.patches, c.output_width), dtype=F32)
         workers = _Workers(self.threads)
+        d, f, h = c.width, c.ffn, c.output_width
+        widened = _Widened(workers, max(3 * d * d, f * d, h * d, h * h))
         try:
             for start in range(0, n, _MAX_BATCH):
                 batch = pixels[start:start + _MAX_BATCH]
-                out[start:start + len(batch)] = self._project(self._tower(batch, workers))
+                out[start:start + len(batch)] = self._project(self._tower(batch, workers, widened), widened)
         finally:
             workers.close()
         return out
@@ -472,7 +505,7 @@ class VisionEncoder:
         rows = merge(self.encode(pixels), plan, self.params.merge_type, self.image_newline)
         return rows, plan
 
-    def _tower(self, pixels: np.ndarray, workers: _Workers) -> np.ndarray:
+    def _tower(self, pixels: np.ndarray, workers: _Workers, widened: _Widened) -> np.ndarray:
         """``(n, 3, S, S)`` -> ``(n * patches, width)``: the last block's output without the CLS rows."""
         c = self.config
         n, d, p = pixels.shape[0], c.width, c.patch
@@ -497,14 +530,16 @@ class VisionEncoder:
         workers.split(_norm(x, x, *self.pre_ln, eps), rows)
         workers.split(_norm(x, h, self.blocks[0].ln1_w, self.blocks[0].ln1_b, eps), rows)
         for k, blk in enumerate(self.blocks):
-            np.matmul(h, _f32(blk.qkv_w).T, out=qkv)
+            qkv_w = widened(blk.q_w, blk.k_w, blk.v_w)  # always a copy: q's rows may be scaled in place
+            qkv_w[:c.width] *= self.q_scale  # 1/8 for head_dim 64: a power of two, exact as HF's scaling of q
+            np.matmul(h, qkv_w.T, out=qkv)
             attention.q_bias = blk.q_b
             workers.small_matmuls(attention, n * c.heads)
-            np.matmul(ctx, _f32(blk.out_w).T, out=h)
+            np.matmul(ctx, widened(blk.out_w).T, out=h)
             workers.split(_norm(x, h, blk.ln2_w, blk.ln2_b, eps, residual_bias=blk.out_b), rows)
-            np.matmul(h, _f32(blk.up_w).T, out=up)
+            np.matmul(h, widened(blk.up_w).T, out=up)
             workers.split(_biased(up, blk.up_b, activation), rows)
-            np.matmul(up, _f32(blk.down_w).T, out=h)
+            np.matmul(up, widened(blk.down_w).T, out=h)
             if k + 1 < len(self.blocks):
                 nxt = self.blocks[k + 1]
                 workers.split(_norm(x, h, nxt.ln1_w, nxt.ln1_b, eps, residual_bias=blk.down_b), rows)
@@ -513,13 +548,13 @@ class VisionEncoder:
                 x += blk.down_b
         return x3[:, 1:].reshape(n * c.patches, d)
 
-    def _project(self, features: np.ndarray) -> np.ndarray:
+    def _project(self, features: np.ndarray, widened: _Widened) -> np.ndarray:
         w0, b0 = self.mm0
         w2, b2 = self.mm2
-        hidden = features @ _f32(w0).T
+        hidden = features @ widened(w0).T
         # One thread: erf's many short numpy calls hold the GIL often enough that a second thread only waits.
         _biased(hidden, b0, gelu_)(0, hidden.shape[0])
-        out = hidden @ _f32(w2).T
+        out = hidden @ widened(w2).T
         out += b2
         return out.reshape(-1, self.config.patches, self.config.output_width)
 

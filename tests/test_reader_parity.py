@@ -216,6 +216,24 @@ def test_quantised_weights_round_far_more_than_8_bit_keys(converted_tiny, tiny_c
     assert errors["Q8_0"] >= 3 * errors["F32"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's list of mapped files")
+def test_on_a_cpu_the_mmproj_is_unmapped_after_each_image(converted_tiny) -> None:  # type: ignore[no-untyped-def]
+    """The encoder's float16 matrices are views of the mmproj's memory map: dropping the encoder must unmap it,
+    or its pages would stay resident beside the language model."""
+    files = resolve(converted_tiny.folder, "F16")
+
+    def mapped() -> bool:
+        return str(files.mmproj.resolve()) in Path("/proc/self/maps").read_text()
+
+    reader = Reader(files, threads=2)
+    try:
+        reader.read(IMAGES["small-synthetic"](), [QUESTION], generation=Generation(max_tokens=2))
+        assert not mapped()
+        assert reader.vision is not None and mapped()  # the check sees a mapping when there is one
+    finally:
+        reader.close()
+
+
 def test_on_a_cpu_the_vision_weights_and_the_kv_cache_are_never_held_together(converted_tiny) -> None:  # type: ignore[no-untyped-def]
     files = resolve(converted_tiny.folder, "F32")
     image = IMAGES["small-synthetic"]()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pulse_edge.errors import ImageError, PulseEdgeError
-from pulse_edge.inputs import PathLike, count_pages, find_inputs, iter_pages
+from pulse_edge.inputs import PathLike, count_pages, iter_pages, scan_inputs
 from pulse_edge.llm import KV_AUTO, auto_kv_type
 from pulse_edge.model import ModelFiles, resolve
 from pulse_edge.questions import DEFAULT_QUESTION
@@ -250,23 +250,17 @@ def plan(inputs: Sequence[PathLike], *, recursive: bool = False, page: int | Non
 
     The split is taken from the whole sorted list, before anything done is skipped, so it never depends on
     what a machine has already read: the n shards are disjoint and together cover every item.
-    An input that does not exist is an item that fails, like an unreadable file, so that one typo does not
-    stop an archive; when none of the inputs exists, that is an error.
+    An input that does not exist, given or on a line of a list, is an item that fails, like an unreadable
+    file, so that one typo does not stop an archive; when none of the inputs exists, that is an error.
     """
-    items: list[Item] = []
-    present: list[PathLike] = []
-    for given in inputs:
-        path = Path(given)
-        if path.exists():
-            present.append(given)
-        elif all(item.key != (str(path), None) for item in items):
-            items.append(Item(path, None, error=f"{path}: no such file or folder."))
-    if items and not present:
-        if len(items) == 1:
-            raise ImageError(items[0].error)
-        shown = ", ".join(str(item.path) for item in items[:3]) + (", ..." if len(items) > 3 else "")
-        raise ImageError(f"None of the {len(items)} inputs exists ({shown}); check the paths.")
-    for path in find_inputs(present, recursive):
+    found, missing = scan_inputs(inputs, recursive)
+    if missing and not found:
+        if len(missing) == 1:
+            raise ImageError(missing[0].error)
+        shown = ", ".join(str(gone.path) for gone in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ImageError(f"None of the {len(missing)} inputs exists ({shown}); check the paths.")
+    items = [Item(gone.path, None, error=gone.error) for gone in missing]
+    for path in found:
         if page is not None:
             items.append(Item(path, page))  # a file with fewer pages fails when read, with load()'s message
             continue

@@ -302,10 +302,11 @@ def _existing(folder: Path) -> Path:
 
 def _store_model(model: Any) -> StoreModel:
     from pulse_edge.manifest import check_sizes
+    from pulse_edge.model import import_again
 
     problem = ""
     try:
-        check_sizes(model.manifest, model.folder)
+        check_sizes(model.manifest, model.folder, import_again(model.name))
     except PulseEdgeError as exc:
         problem = str(exc)
     verification = model.verification

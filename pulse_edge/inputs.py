@@ -93,22 +93,42 @@ class Page:
 # -- finding inputs ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MissingInput:
+    """An input that does not exist, given directly or on a line of a list, and the message that says so."""
+
+    path: Path
+    error: str
+
+
 def find_inputs(inputs: Sequence[PathLike], recursive: bool = False) -> list[Path]:
     """The image files named by ``inputs``, in order, each once.
 
     Files are kept as given (their content is checked later, by :func:`load`); folders expand to the
     supported files in them, sorted by name (into subfolders with ``recursive``; hidden files skipped); a
     ``.txt``/``.lst`` file is a list of paths, one a line, relative ones resolved against the list's folder,
-    blank lines and ``#`` comment lines ignored.
+    blank lines and ``#`` comment lines ignored. An input that does not exist is an error (see
+    :func:`scan_inputs` to collect those instead).
+    """
+    found, missing = scan_inputs(inputs, recursive)
+    if missing:
+        raise ImageError(missing[0].error)
+    return found
+
+
+def scan_inputs(inputs: Sequence[PathLike], recursive: bool = False) -> tuple[list[Path], list[MissingInput]]:
+    """Like :func:`find_inputs`, but the inputs that do not exist are returned (each once), not raised.
+
+    The message of a path read from a list names the list and the line, so the typo can be fixed there.
     """
     found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            for entry, where in _read_list(path):
-                found.extend(_expand(entry, recursive, where))
+    missing: dict[Path, MissingInput] = {}
+    for path, where in _entries(inputs):
+        if path.is_file() or path.is_dir():
+            found.extend(_expand(path, recursive, where))
         else:
-            found.extend(_expand(path, recursive, ""))
+            fix = "; correct that line or remove it" if where else ""
+            missing.setdefault(path.resolve(), MissingInput(path, f"{path}: no such file or folder{where}{fix}."))
     seen: set[Path] = set()
     unique: list[Path] = []
     for path in found:
@@ -116,14 +136,22 @@ def find_inputs(inputs: Sequence[PathLike], recursive: bool = False) -> list[Pat
         if key not in seen:
             seen.add(key)
             unique.append(path)
-    return unique
+    return unique, list(missing.values())
+
+
+def _entries(inputs: Sequence[PathLike]) -> Iterator[tuple[Path, str]]:
+    """Each input as given, a list replaced by the paths it lists; with where each was listed ("" if given)."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            yield from _read_list(path)
+        else:
+            yield path, ""
 
 
 def _expand(path: Path, recursive: bool, where: str) -> list[Path]:
     if path.is_file():
         return [path]
-    if not path.is_dir():
-        raise ImageError(f"{path}: no such file or folder{where}.")
     files = _folder_files(path, recursive)
     if not files:
         hint = ""

@@ -19,6 +19,7 @@ SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
 ROLE_LANGUAGE_MODEL = "language_model"
 ROLE_MMPROJ = "mmproj"
+COPY_AGAIN = "copy the model again"  # what to do about a damaged file of a model folder
 _CHUNK = 8 << 20
 
 
@@ -107,18 +108,20 @@ def read_manifest(path: Path) -> Manifest:
         raise ManifestError(f"Manifest {path} is malformed ({exc}); convert the model again.") from None
 
 
-def check_sizes(manifest: Manifest, folder: Path) -> None:
-    """The fast check done on every load: each listed file exists with its recorded size."""
+def check_sizes(manifest: Manifest, folder: Path, fix: str = COPY_AGAIN) -> None:
+    """The fast check done on every load: each listed file exists with its recorded size.
+
+    ``fix`` says what to do about a missing or incomplete file (a store model is imported again instead).
+    """
     for item in manifest.files:
         file = folder / item.path
         try:
             size = file.stat().st_size
         except FileNotFoundError:
-            raise ManifestError(f"{file} is missing (listed in {folder / MANIFEST_NAME}); copy the model again.") from None
+            raise ManifestError(f"{file} is missing (listed in {folder / MANIFEST_NAME}); {fix}.") from None
         if size != item.size:
             raise ManifestError(
-                f"{file} has {size} bytes, its manifest says {item.size}: the copy is incomplete or damaged; "
-                "copy the model again."
+                f"{file} has {size} bytes, its manifest says {item.size}: the copy is incomplete or damaged; {fix}."
             )
 
 

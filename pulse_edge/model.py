@@ -12,13 +12,13 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pulse_edge.errors import ModelError
-from pulse_edge.manifest import MANIFEST_NAME, Manifest, check_sizes, read_manifest, sha256_file
+from pulse_edge.manifest import COPY_AGAIN, MANIFEST_NAME, Manifest, check_sizes, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ HOW_TO_GET_ONE = (
     "(e.g. on a USB stick) and import it with 'pulse-edge models import DIR' (or pass --model DIR to use it "
     "where it is)."
 )
+
+
+def import_again(name: str) -> str:
+    """What to do about a missing or damaged file of store model ``name``: import it again from its original."""
+    return f"import the model again with 'pulse-edge models import DIR --name {name} --force'"
 
 
 def locate(model: str | Path | None) -> tuple[Path, str | None]:
@@ -104,7 +109,7 @@ def resolve(model: str | Path | None, quant: str | None = None, *, check_hashes:
     manifest_path, name = locate(model)
     folder = manifest_path.parent
     manifest = read_manifest(manifest_path)
-    check_sizes(manifest, folder)
+    check_sizes(manifest, folder, import_again(name) if name is not None else COPY_AGAIN)
     lm = manifest.language_model(quant)
     mm = manifest.mmproj()
     files = ModelFiles(
@@ -113,8 +118,7 @@ def resolve(model: str | Path | None, quant: str | None = None, *, check_hashes:
     )
     if check_hashes:
         if name is not None:
-            fix = (f"run 'pulse-edge models verify {name}' to check the other files, then import the model again "
-                   f"with 'pulse-edge models import DIR --name {name} --force'.")
+            fix = f"run 'pulse-edge models verify {name}' to check the other files, then {import_again(name)}."
         else:
             fix = (f"run 'pulse-edge models verify {folder}' to check the other files, then copy the model again "
                    "(or convert it again).")
@@ -163,6 +167,14 @@ def _check_pairing(language_model: Path, lm_keys: Mapping[str, str], mmproj: Pat
         raise ModelError(problem)
 
 
+def remember_checked(files: Iterable[tuple[Path, str]]) -> None:
+    """Record files whose whole content was just hashed elsewhere (``(path, sha256)`` pairs, e.g. the copies
+    ``pulse-edge models import`` wrote), so that their first use does not hash them again."""
+    with _CheckedFiles() as checked:
+        for path, sha256 in files:
+            checked.remember(path, sha256, _identity(path))
+
+
 class _CheckedFiles:
     """The files already hashed whole, by identity: ``home()/checked-files.json``, rewritten on exit if it grew."""
 
@@ -184,8 +196,6 @@ class _CheckedFiles:
 
     def fingerprint(self, path: Path, expected: str | None = None, damaged: str = "") -> tuple[str, dict[str, str]]:
         """The SHA-256 and ``pulse.source.*`` keys of ``path``; ``ModelError(damaged)`` if the hash is not ``expected``."""
-        from pulse_edge.store import source_keys
-
         key, identity = str(path.resolve()), _identity(path)
         entry = self.entries.get(key)
         if (isinstance(entry, dict) and entry.get("identity") == identity and isinstance(entry.get("source"), dict)
@@ -195,10 +205,16 @@ class _CheckedFiles:
         sha256 = sha256_file(path)
         if expected is not None and sha256 != expected:
             raise ModelError(damaged)
+        return sha256, self.remember(path, sha256, identity)
+
+    def remember(self, path: Path, sha256: str, identity: list[int]) -> dict[str, str]:
+        """Record ``path``, as it was at ``identity``, as hashed whole to ``sha256``; returns its source keys."""
+        from pulse_edge.store import source_keys
+
         keys = source_keys(path)  # after the hash: a damaged header never reaches the GGUF parser
-        self.entries[key] = {"identity": identity, "sha256": sha256, "source": keys}
+        self.entries[str(path.resolve())] = {"identity": identity, "sha256": sha256, "source": keys}
         self.changed = True
-        return sha256, keys
+        return keys
 
     def source_keys(self, path: Path, *, expected: str, damaged: str) -> dict[str, str]:
         return self.fingerprint(path, expected, damaged)[1]

@@ -25,6 +25,7 @@ from typing import Any
 
 from pulse_edge.errors import ManifestError, ModelError, PulseEdgeError
 from pulse_edge.manifest import (
+    COPY_AGAIN,
     MANIFEST_NAME,
     ROLE_LANGUAGE_MODEL,
     Manifest,
@@ -33,7 +34,7 @@ from pulse_edge.manifest import (
     sha256_file,
     write_manifest,
 )
-from pulse_edge.model import different_checkpoints, home, locate, store_dir
+from pulse_edge.model import different_checkpoints, home, import_again, locate, remember_checked, store_dir
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def _check_file(item: ModelFile, folder: Path, manifest_path: Path, fix: str,
 
 def _checks(manifest: Manifest, folder: Path, manifest_path: Path, fix: str, files: Sequence[ModelFile],
             progress: Progress | None) -> Iterator[FileCheck]:
-    """Hash every file of ``files`` (one ``sha256`` progress stage), then check their pairing."""
+    """Hash every file of ``files`` (one ``sha256`` progress stage), then, if all are good, check their pairing."""
     report: Progress = progress or (lambda stage, done, total: None)
     total = sum(f.size for f in files)
     done = 0
@@ -305,12 +306,14 @@ def _checks(manifest: Manifest, folder: Path, manifest_path: Path, fix: str, fil
         report("sha256", done, total)
 
     report("sha256", 0, total)
-    all_there = True
+    all_ok = True
     for item in files:
         check = _check_file(item, folder, manifest_path, fix, step)
-        all_there = all_there and check.status != MISSING
+        all_ok = all_ok and check.ok
         yield check
-    if all_there:
+    # A missing, truncated or damaged file is already a failure; its fingerprint (unreadable when truncated)
+    # would only add a second, misleading one.
+    if all_ok:
         try:
             yield check_pairing(manifest, folder, files)
         except PulseEdgeError as exc:
@@ -335,8 +338,7 @@ def verify(model: str | Path | None = None, progress: Progress | None = None) ->
     manifest_path, name = locate(model)
     folder = manifest_path.parent
     manifest = read_manifest(manifest_path)
-    fix = (f"import the model again with 'pulse-edge models import DIR --name {name} --force'" if name is not None
-           else "copy the model again")
+    fix = import_again(name) if name is not None else COPY_AGAIN
     checks = []
     for check in _checks(manifest, folder, manifest_path, fix + ".", manifest.files, progress):
         checks.append(check)
@@ -448,6 +450,10 @@ def import_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not link:
+        # Each copy was hashed as it was written: remembered, the first read does not hash it again.
+        with contextlib.suppress(PulseEdgeError, OSError):  # only a cache: the import is done either way
+            remember_checked((dest / item.path, item.sha256) for item in manifest.files)
     became_default = default_model() not in {m.name for m in list_models()}
     if became_default:
         set_default(store_name)

@@ -230,6 +230,21 @@ def test_a_missing_input_is_a_failed_item_and_resume_retries_it(converted_tiny, 
     assert [(r["path"], r["page"], r["status"]) for r in _records(out)[2:]] == [(str(missing), 1, "ok")]
 
 
+def test_a_missing_file_in_a_list_is_a_failed_item_that_names_its_line(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    present, missing = _image(tmp_path / "a.png", 0), tmp_path / "typo.png"
+    listing, out, table = tmp_path / "ward-3.txt", tmp_path / "out.jsonl", tmp_path / "out.csv"
+    listing.write_text("# morning\ntypo.png\na.png\n", encoding="utf-8")
+    result = run_cli("batch", listing, "--out", out, "--csv", table, "--model", converted_tiny.folder, *FAST)
+    error = f"{missing}: no such file or folder (line 2 of {listing}); correct that line or remove it."
+    assert (result.code, result.stdout) == (3, "")
+    assert result.stderr.splitlines() == [f"Failed: {error}", "1 read, 1 failed, 0 skipped (already done)"]
+    records = _records(out)
+    assert [(r["path"], r["status"]) for r in records] == [(str(present), "ok"), (str(missing), "error")]
+    assert records[1] == {"path": str(missing), "page": None, "status": "error", "error": error}
+    with table.open(newline="") as handle:
+        assert list(csv.reader(handle))[2] == [str(missing), "", "error", "", error]
+
+
 def test_no_existing_input_at_all_is_an_error(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out.jsonl"
     one = run_cli("batch", tmp_path / "gone.png", "--out", out, "--model", converted_tiny.folder)

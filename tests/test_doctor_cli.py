@@ -101,7 +101,8 @@ def test_a_truncated_model_file_fails_with_what_to_do(imported: Path) -> None:
     status, detail = checks(result.stdout)["model"]
     assert status == "FAIL"
     assert detail == (f"{NAME} (default): {mmproj} has {size - 1000} bytes, its manifest says {size}: the copy is "
-                      "incomplete or damaged; copy the model again.")
+                      f"incomplete or damaged; import the model again with 'pulse-edge models import DIR --name {NAME} "
+                      "--force'.")
     assert what_to_do(result.stdout, "model") == (
         f"Check it with 'pulse-edge models verify {NAME}', then import it again with 'pulse-edge models import DIR "
         f"--name {NAME} --force'.")

@@ -530,7 +530,20 @@ def test_list_file(tmp_path: Path) -> None:
         scans / "two é.png", scans / "one.png", scans / "more" / "three.png"]
     listing.write_text("one.png\nmissing.png\n", encoding="utf-8")
     assert error_of(inputs.find_inputs, [listing], recursive=False) == (
-        f"{scans / 'missing.png'}: no such file or folder (line 2 of {listing}).")
+        f"{scans / 'missing.png'}: no such file or folder (line 2 of {listing}); correct that line or remove it.")
     listing.write_text("# nothing yet\n", encoding="utf-8")
     assert error_of(inputs.find_inputs, [listing], recursive=False) == (
         f"{listing} lists no files; write one image path per line.")
+
+
+def test_scan_inputs_returns_what_does_not_exist_given_or_listed(tmp_path: Path) -> None:
+    marked().save(tmp_path / "one.png")
+    listing = tmp_path / "batch.txt"
+    listing.write_text("one.png\n# a comment\ngone.png\ngone.png\n", encoding="utf-8")
+    found, missing = inputs.scan_inputs([listing, tmp_path / "typo.png"], recursive=False)
+    assert found == [tmp_path / "one.png"]
+    assert missing == [  # each once, at its first mention
+        inputs.MissingInput(tmp_path / "gone.png", f"{tmp_path / 'gone.png'}: no such file or folder (line 3 of "
+                                                   f"{listing}); correct that line or remove it."),
+        inputs.MissingInput(tmp_path / "typo.png", f"{tmp_path / 'typo.png'}: no such file or folder."),
+    ]

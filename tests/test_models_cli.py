@@ -253,6 +253,66 @@ def test_verify_a_folder_outside_the_store(usb: Path) -> None:
         f"Error: {usb / MMPROJ} is missing (listed in {usb / MANIFEST_NAME}); copy the model again.")
 
 
+def truncate(path: Path, by: int = 1000) -> tuple[int, int]:
+    """Cut ``by`` bytes off the end of ``path``, as an interrupted copy would; returns (size now, size before)."""
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        handle.truncate(size - by)
+    return size - by, size
+
+
+def test_verify_a_truncated_file_reports_its_size_and_nothing_else(usb: Path) -> None:
+    now, before = truncate(usb / LM_FILES[1])
+    result = run_cli("models", "verify", usb)
+    assert result.code == 1
+    # No pairing line: a truncated file's fingerprint cannot be read, and that is not a second problem.
+    assert result.stdout.splitlines() == [
+        f"OK       {LM_FILES[0]}",
+        f"MISMATCH {LM_FILES[1]}  ({now} bytes, manifest says {before})",
+        f"OK       {LM_FILES[2]}",
+        f"OK       {MMPROJ}",
+    ]
+    assert result.stderr.splitlines() == [
+        f"Error: {usb / LM_FILES[1]} has {now} bytes, its manifest says {before}: the copy is incomplete or damaged; "
+        "copy the model again."]
+
+
+def test_a_truncated_store_file_says_to_import_the_model_again(imported: Path) -> None:
+    from pulse_edge.errors import ManifestError
+    from pulse_edge.model import resolve
+
+    now, before = truncate(imported / MMPROJ)
+    problem = (f"{imported / MMPROJ} has {now} bytes, its manifest says {before}: the copy is incomplete or damaged; "
+               f"import the model again with 'pulse-edge models import DIR --name {NAME} --force'.")
+    result = run_cli("models", "verify", NAME)
+    assert result.code == 1
+    assert result.stdout.splitlines()[-1] == f"MISMATCH {MMPROJ}  ({now} bytes, manifest says {before})"
+    assert result.stderr.splitlines() == [f"Error: {problem}"]
+    # What read, chat and batch say before loading it (their size check): the same advice.
+    with pytest.raises(ManifestError) as caught:
+        resolve(NAME, check_hashes=True)
+    assert str(caught.value) == problem
+
+
+def test_the_first_read_after_an_import_does_not_hash_again(usb: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pulse_edge.model
+    from pulse_edge.errors import ModelError
+    from pulse_edge.model import resolve
+    from pulse_edge.store import import_model
+
+    import_model(usb)  # hashes every file while copying it
+    hashed: list[Path] = []
+    real = pulse_edge.model.sha256_file
+    monkeypatch.setattr(pulse_edge.model, "sha256_file", lambda path, *a: hashed.append(path) or real(path, *a))
+    files = resolve(None, check_hashes=True)  # what read and batch do before loading
+    assert (files.folder, hashed) == (store() / NAME, [])
+    # The remembered copy is the file as imported: once it changes, it is hashed (and refused) again.
+    flip_byte(files.language_model)
+    with pytest.raises(ModelError, match="the file is damaged"):
+        resolve(None, check_hashes=True)
+    assert hashed == [files.language_model]
+
+
 def test_verify_without_a_default_model_says_how_to_get_one() -> None:
     result = run_cli("models", "verify")
     assert result.code == 1

@@ -25,6 +25,7 @@ from pulse_edge.errors import ImageError, PulseEdgeError
 from pulse_edge.inputs import PathLike, count_pages, iter_pages, scan_inputs
 from pulse_edge.llm import KV_AUTO, auto_kv_type
 from pulse_edge.model import ModelFiles, resolve
+from pulse_edge.prompt import check_questions
 from pulse_edge.questions import DEFAULT_QUESTION
 from pulse_edge.reader import Generation, Reader, Reading
 
@@ -228,8 +229,9 @@ def open_batch(
         raise PulseEdgeError(f"{csv_path} already exists; pass --resume or --force to write it again.")
     if csv_path is not None and csv_path.resolve() == out_path.resolve():
         raise PulseEdgeError(f"--csv and --out both name {out_path}; give the CSV its own file.")
-    files = resolve(model, quant, check_hashes=True)
     wanted = list(questions) or [DEFAULT_QUESTION]
+    check_questions(wanted)  # once, before the model is hashed or the output made: not one error record per page
+    files = resolve(model, quant, check_hashes=True)
     items = plan(inputs, recursive=recursive, page=page, shard=shard)
     handle = _open_output(out_path, truncate=force)
     try:

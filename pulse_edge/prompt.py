@@ -7,8 +7,10 @@ with ``"ASSISTANT:"`` when the model is to answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from pulse_edge.errors import PulseEdgeError
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -38,11 +40,28 @@ LLAVA_V1 = Template(
 TEMPLATES = {LLAVA_V1.id: LLAVA_V1}
 
 
+def check_questions(questions: Iterable[str]) -> None:
+    """Refuse a question that holds ``<image>``: the template already puts the image before the first question.
+
+    LLaVA would make a second ``<image>`` a second image slot (and fail, given one image); as text it would
+    only read differently from what the user meant, so it is never meaningful in a question.
+    """
+    for question in questions:
+        if IMAGE_PLACEHOLDER in question:
+            shown = question if len(question) <= 60 else question[:57] + "..."
+            raise PulseEdgeError(
+                f"The question {shown!r} contains {IMAGE_PLACEHOLDER}, the image placeholder of PULSE's prompt; the "
+                f"image already comes before the question, so remove {IMAGE_PLACEHOLDER} from the question."
+            )
+
+
 def render(turns: Sequence[tuple[str, str | None]], template: Template = LLAVA_V1) -> str:
     """Render ``(question, answer)`` turns; the last answer is ``None`` for the model to write.
 
-    The first question carries the image: it is prefixed with ``<image>\\n`` as LLaVA does.
+    The first question carries the image: it is prefixed with ``<image>\\n`` as LLaVA does. Every question
+    passes ``check_questions`` here, the one place questions enter a prompt.
     """
+    check_questions(question for question, _ in turns)
     parts = [template.system + template.sep]
     user, assistant = template.roles
     for index, (question, answer) in enumerate(turns):

@@ -314,7 +314,11 @@ class Conversation:
         self._cached: list[int] = []  # the token ids after the image that the KV cache holds
 
     def ask(self, question: str, on_token: TokenCallback | None = None) -> Answer:
-        """Answer ``question`` given the conversation so far; the answer joins the conversation."""
+        """Answer ``question`` given the conversation so far; the answer joins the conversation.
+
+        An answer cut short by an exception (Ctrl-C's ``KeyboardInterrupt``, or one raised by ``on_token``) joins
+        nothing: the conversation goes on as if the question had not been asked.
+        """
         llm = self.reader.llm
         prompt = render([*self.turns, (question, None)], self.reader.template)
         ids = split_prompt(llm, prompt)[1]
@@ -328,6 +332,11 @@ class Conversation:
             if cached != wanted:
                 break
             keep += 1
+        # Until the answer is complete only these are sure to be in the cache: the cut keeps them and feeding only
+        # writes after them. Claimed before the cut, so that an interrupt anywhere below (Python raises it once a
+        # llama.cpp call has returned, even after its cache was changed but before ``n_past`` was) leaves a claim
+        # that holds; the next question then cuts the cache back to within it and feeds the rest again.
+        self._cached = ids[:keep]
         llm.truncate(self._image_end + keep)
         generation = replace(self.generation, max_tokens=min(self.generation.max_tokens, room))
         answer = self.reader._answer(question, ids[keep:], generation, on_token)

@@ -75,6 +75,18 @@ def test_unknown_command_and_full_context_keep_the_chat_going(converted_tiny, ec
     ]
 
 
+def test_a_question_with_the_image_placeholder_is_refused_and_the_chat_goes_on(converted_tiny, ecg_png: Path,  # type: ignore[no-untyped-def]
+                                                                               expected: list[str]) -> None:
+    result = run_cli("chat", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "6",
+                     input=f"Is <image> normal?\n{QUESTIONS[0]}\n/history\n")
+    assert result.code == 0, result.stderr
+    assert result.stderr == ("Error: The question 'Is <image> normal?' contains <image>, the image placeholder of "
+                             "PULSE's prompt; the image already comes before the question, so remove <image> from "
+                             "the question.\n")
+    # the refused question never joined the conversation: the next one is answered as a first question
+    assert result.stdout.splitlines() == [f"[{DISCLAIMER}]", expected[0], f"Q: {QUESTIONS[0]}", f"A: {expected[0]}"]
+
+
 def test_bad_inputs_fail_cleanly(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     missing = tmp_path / "nope.png"
     result = run_cli("chat", missing, "--model", converted_tiny.folder, input="")
@@ -143,3 +155,112 @@ def test_on_a_terminal_it_prompts_streams_and_quits(converted_tiny, ecg_png: Pat
     assert f"Reading {ecg_png} ..." in text and "Ready (2304 image tokens" in text
     assert f"[{DISCLAIMER}]" in text
     assert expected[0] in seen[start:].decode(errors="replace")  # the streamed answer, after the question
+
+
+# The CLI with each sampled token slowed down, so that a Ctrl-C lands while an answer is being written; it says
+# "[sampling]" on stderr when the first answer starts.
+SLOW_CLI = """
+import sys, time
+from pulse_edge import llm
+from pulse_edge.cli import main
+sample, started = llm.LanguageModel.sample, []
+def slow(self, chain):
+    if not started:
+        started.append(sys.stderr.write("[sampling]\\n"))
+        sys.stderr.flush()
+    time.sleep(0.05)
+    return sample(self, chain)
+llm.LanguageModel.sample = slow
+main(sys.argv[1:])
+"""
+STOPPED, ASKED = QUESTIONS[0], QUESTIONS[2]
+
+
+@pytest.fixture(scope="module")
+def unstopped(converted_tiny, ecg_png: Path) -> str:  # type: ignore[no-untyped-def]
+    """The answer to ASKED in a conversation where STOPPED was never asked (40 tokens at most)."""
+    reader = Reader(resolve(converted_tiny.folder), threads=2)
+    try:
+        image = load(ecg_png)[0].image
+        stopped = Conversation(reader, image, generation=Generation(max_tokens=40)).ask(STOPPED)
+        assert stopped.tokens > 20  # so that a Ctrl-C after its first token stops it midway
+        return Conversation(reader, image, generation=Generation(max_tokens=40)).ask(ASKED).text
+    finally:
+        reader.close()
+
+
+def test_ctrl_c_on_a_terminal_stops_the_answer_not_the_chat(converted_tiny, ecg_png: Path, unstopped: str) -> None:  # type: ignore[no-untyped-def]
+    import fcntl
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    # A session of its own with the pty as its terminal: a typed Ctrl-C (\x03) then sends it SIGINT.
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "chat", str(ecg_png), "--model",
+                             str(converted_tiny.folder), "--max-tokens", "40"],
+                            stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "TERM": "dumb"},
+                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    seen = b""
+
+    def until(marker: bytes, start: int = 0, timeout: float = 120) -> int:
+        """Read until ``marker`` shows after ``start``; the position after it."""
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen[start:]:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+        return seen.index(marker, start) + len(marker)
+
+    try:
+        at = until(b"> ", until(b"/help lists the commands."))
+        os.write(master, f"{STOPPED}\n".encode())
+        at = until(b"[sampling]", at)
+        os.write(master, b"\x03")
+        at = until(b"> ", until(b"(answer stopped)", at))
+        os.write(master, f"{ASKED}\n".encode())
+        at = until(b"> ", until(unstopped.encode(), at))
+        os.write(master, b"/history\n")
+        history = at
+        at = until(b"> ", until(f"A: {unstopped}".encode(), at))
+        history_text = seen[history:at].decode(errors="replace")
+        os.write(master, b"\x03")  # at the prompt: a new prompt, as in a Python REPL
+        at = until(b"> ", at)
+        os.write(master, b"\x04")  # Ctrl-D on an empty line ends the chat
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert f"Q: {ASKED}" in history_text and STOPPED not in history_text
+    assert b"Interrupted." not in seen and b"Traceback" not in seen
+
+
+def test_ctrl_c_with_piped_questions_ends_the_chat(converted_tiny, ecg_png: Path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "chat", str(ecg_png), "--model",
+                             str(converted_tiny.folder), "--max-tokens", "40"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(f"{STOPPED}\n{ASKED}\n".encode())
+        proc.stdin.flush()
+        assert proc.stderr.readline() == b"[sampling]\n"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (proc.returncode, stdout.decode(), stderr.decode()) == (130, f"[{DISCLAIMER}]\n", "Interrupted.\n")

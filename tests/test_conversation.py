@@ -132,3 +132,74 @@ def test_a_full_context_says_what_to_do(reader: Reader) -> None:
     with pytest.raises(InferenceError, match=r"^The conversation has filled the model's context of 4096 positions; "
                                              r"start again with /reset \(the image stays read\)\.$"):
         chat.ask("why " * 2000)
+
+
+# -- interrupted answers ---------------------------------------------------------------------------
+# Ctrl-C raises KeyboardInterrupt in Python code only: between bytecodes, so after a llama.cpp call has returned
+# (its cache already changed) and before the Python after it has run. Each case raises it at one such point.
+def _interrupt(where: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Make the next ``ask`` raise KeyboardInterrupt at ``where``; the ``ask`` keywords that need."""
+    if where.startswith("token "):
+        count = [0]
+
+        def on_token(text: str) -> None:
+            count[0] += 1
+            if count[0] == int(where.split()[1]):
+                raise KeyboardInterrupt
+
+        return {"on_token": on_token}
+    if where == "cut":  # the cache was cut, n_past was not updated
+        def truncate(self: LanguageModel, position: int) -> None:
+            self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), 0, position, -1)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(LanguageModel, "truncate", truncate)
+        return {}
+    decode, calls, at = LanguageModel._decode, [0], {"prefill": 1, "generation": 3}[where]
+
+    def interrupted(self: LanguageModel, batch: object, what: str) -> None:  # decoded, n_past not updated
+        decode(self, batch, what)
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(LanguageModel, "_decode", interrupted)
+    return {}
+
+
+INTERRUPTED = "Is there atrial fibrillation?"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(reader: Reader) -> list[tuple[list[int], np.ndarray, str]]:
+    """A fresh conversation's two answers (token ids, the logits after them, text): what the interrupted must give."""
+    chat = Conversation(reader, images.synthetic(800, 500, seed=3), generation=Generation(max_tokens=10))
+    answers = []
+    for question in ("Is the rhythm regular?", "Why?"):
+        answer = chat.ask(question)
+        answers.append((answer.token_ids, reader.llm.logits(), answer.text))
+    return answers
+
+
+@pytest.mark.parametrize("where", ["token 1", "token 4", "prefill", "generation", "cut"])
+def test_an_interrupted_answer_leaves_no_trace(reader: Reader, uninterrupted: list[tuple[list[int], np.ndarray, str]],
+                                               where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    (first_ids, first_logits, first_text), (second_ids, second_logits, _) = uninterrupted
+    chat = Conversation(reader, images.synthetic(800, 500, seed=3), generation=Generation(max_tokens=10))
+    assert chat.ask("Is the rhythm regular?").token_ids == first_ids
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        chat.ask(INTERRUPTED, **_interrupt(where, patch))  # type: ignore[arg-type]
+    assert chat.turns == [("Is the rhythm regular?", first_text)]
+    # as if the interrupted question had not been asked: the same answer from the same input
+    assert chat.ask("Why?").token_ids == second_ids
+    assert np.abs(reader.llm.logits() - second_logits).max() <= LOGITS_ATOL
+    ids = split_prompt(reader.llm, render([("Is the rhythm regular?", first_text), ("Why?", None)]))[1]
+    assert chat._cached[:len(ids)] == ids
+    # After a reset the cache still holds the old conversation's start: the interrupted question overwrites it
+    # in place, and the cache must not be taken for the old conversation afterwards.
+    chat.reset()
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        chat.ask(INTERRUPTED, **_interrupt(where, patch))  # type: ignore[arg-type]
+    assert chat.turns == []
+    assert chat.ask("Is the rhythm regular?").token_ids == first_ids
+    assert np.abs(reader.llm.logits() - first_logits).max() <= LOGITS_ATOL

@@ -13,7 +13,7 @@ import typer
 
 from pulse_edge.cli import options
 from pulse_edge.cli.render import stderr, stdout
-from pulse_edge.errors import InferenceError, PulseEdgeError
+from pulse_edge.errors import PulseEdgeError
 
 COMMANDS = {
     "/reset": "forget the questions and answers so far (the image stays read)",
@@ -36,6 +36,8 @@ def _questions(interactive: bool) -> Iterator[str]:
             except EOFError:
                 stderr().print()
                 return
+            except KeyboardInterrupt:  # as at a Python prompt: drop the line, ask again
+                stderr().print()
     else:
         for line in sys.stdin:
             yield line.rstrip("\r\n")
@@ -58,8 +60,9 @@ def chat_command(
     """Talk with PULSE about one ECG image, turn by turn.
 
     The image is read once; each question sees the conversation so far (PULSE's multi-turn
-    prompt). Type /help for the commands (/reset, /history, /quit). Questions can also be piped in,
-    one per line. Research model output, not a medical device: a clinician must over-read every ECG.
+    prompt). Type /help for the commands (/reset, /history, /quit); Ctrl-C stops an answer, Ctrl-D
+    ends the chat. Questions can also be piped in, one per line. Research model output, not a
+    medical device: a clinician must over-read every ECG.
     """
     from pulse_edge.inputs import load
     from pulse_edge.model import resolve
@@ -106,10 +109,19 @@ def chat_command(
                 err.print(f"Unknown command {question.split()[0]}; /help lists the commands.", markup=False)
             else:
                 try:
-                    answer = chat.ask(question, on_token=(lambda text: out.print(text, end="", markup=False))
-                                      if stream else None)
-                except InferenceError as exc:  # a full context: the user can /reset and go on
+                    # Streamed with plain writes: a Ctrl-C in the middle of a Rich print can leave that console
+                    # buffering everything after it.
+                    answer = chat.ask(question, on_token=(lambda text: typer.echo(text, nl=False)) if stream else None)
+                except PulseEdgeError as exc:  # a full context, <image> in the question: the user can go on
                     err.print(f"Error: {exc}", markup=False)
+                    continue
+                except KeyboardInterrupt:
+                    if not interactive:  # piped questions: Ctrl-C ends the run (exit 130)
+                        raise
+                    # Ctrl-C stops this answer only: it does not join the conversation (see Conversation.ask)
+                    if stream:
+                        out.print()
+                    err.print("(answer stopped)", markup=False)
                     continue
                 if as_json:
                     typer.echo(json.dumps({

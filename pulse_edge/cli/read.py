@@ -39,6 +39,7 @@ def read_command(
     """
     from pulse_edge.inputs import load
     from pulse_edge.model import resolve
+    from pulse_edge.prompt import check_questions
     from pulse_edge.questions import DEFAULT_QUESTION, REPORT_QUESTION
     from pulse_edge.reader import DISCLAIMER, Generation, Reader
 
@@ -46,6 +47,7 @@ def read_command(
     if report:
         questions.append(REPORT_QUESTION)
     questions = questions or [DEFAULT_QUESTION]
+    check_questions(questions)  # before loading a 4 GB model (prompt building checks them again)
     generation = Generation(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     for path in images:  # fail before loading a 4 GB model for a typo
         if not path.exists():

@@ -27,7 +27,7 @@ import numpy as np
 
 from pulse_edge.errors import ImageError, ModelError
 from pulse_edge.image import ImageParams, TilePlan, pairs
-from pulse_edge.native import widen_f16
+from pulse_edge.native import exp_, widen_f16
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -128,8 +128,7 @@ def quick_gelu_(x: np.ndarray) -> np.ndarray:
         part = flat[start:start + _BLOCK]
         t = tmp[:part.size]
         np.multiply(part, F32(-1.702), out=t)
-        with np.errstate(over="ignore"):  # exp overflows to inf for x << 0: x / inf = -0, the right limit
-            np.exp(t, out=t)
+        exp_(t)  # overflows to inf for x << 0: x / inf = -0, the right limit
         t += F32(1.0)
         np.divide(part, t, out=part)
     return x
@@ -612,7 +611,7 @@ class _Attention:
             q += self.q_bias[j * hd:(j + 1) * hd]
             np.matmul(q, qkv[rows, d + j * hd:d + (j + 1) * hd].T, out=s)
             s -= s.max(axis=1, keepdims=True)
-            np.exp(s, out=s)
+            exp_(s)
             total = s.sum(axis=1, keepdims=True)
             np.matmul(s, qkv[rows, 2 * d + j * hd:2 * d + (j + 1) * hd], out=o)
             np.divide(o, total, out=self.out[rows, j * hd:(j + 1) * hd])

@@ -7,9 +7,12 @@ the layers up to LLaVA's select layer), CLS row dropped; then Linear, exact (erf
 
 All pieces of an image go through the big matmuls together (rows of every tile stacked), which keeps the
 encoder near the BLAS floor on a CPU. Attention runs per (piece, head) in a few worker threads, each with
-single-threaded BLAS; residual adds, biases, norms and activations run fused on cache-sized row blocks.
-Measured at the real shape (5 tiles, 23 blocks) on a 2-core AMD EPYC VM: 18.4 s, where its BLAS gives
-~135 GFLOP/s on the big matmuls (a ~14.4 s floor for the ~1.95 TFLOP); see benchmarks/vision_speed.py.
+single-threaded BLAS; residual adds, biases, norms and activations run fused on cache-sized row blocks. The
+float16 matrices stay in the mmproj's memory map, widened per use; exp and the float16 widening use llama.cpp's
+vectorised loops (pulse_edge.native), numpy's where those are missing.
+Measured at the real shape (5 tiles, 23 blocks) on a 2-core AMD EPYC VM (AVX2): 16.4 s (16.9 s inside a
+reading, loading included), where its BLAS gives ~145 GFLOP/s (a 13.4 s floor for the ~1.95 TFLOP: the big
+matmuls ~12 s, attention 2.2 s, elementwise 1.2 s, projector 1.2 s); see benchmarks/vision_speed.py.
 """
 
 from __future__ import annotations

@@ -49,3 +49,9 @@ def test_batch_refuses_it_once_before_reading_any_page(converted_tiny, png: Path
     result = run_cli("batch", png, png, "--out", out, "--model", converted_tiny.folder, "-q", "<image>\nNormal?")
     assert (result.code, result.stdout, result.stderr) == (1, "", placeholder_error("<image>\nNormal?"))
     assert not out.exists()
+
+
+def test_inspect_refuses_it_before_encoding_the_image(png: Path) -> None:
+    # no model is installed: the question is checked first
+    result = run_cli("inspect", png, "-q", "Where is the <image>?")
+    assert (result.code, result.stdout, result.stderr) == (1, "", placeholder_error("Where is the <image>?"))

@@ -34,8 +34,10 @@ def inspect_command(
 
     from pulse_edge.inputs import load
     from pulse_edge.model import resolve
+    from pulse_edge.prompt import check_questions
     from pulse_edge.reader import inspect
 
+    check_questions([question])  # before the image is encoded (prompt building checks it again)
     if save_embeddings is not None and save_embeddings.exists() and not force:
         raise PulseEdgeError(f"{save_embeddings} already exists; pass --force to overwrite it.")
     files = resolve(model)

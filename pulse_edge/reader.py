@@ -163,6 +163,12 @@ class Reader:
     def close(self) -> None:
         self.llm.close()
 
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- inputs -------------------------------------------------------------------------------
     def prompt_pieces(self, question: str) -> tuple[list[int], list[int], str]:
         """The token ids before and after the image, and the prompt (see ``prompt_pieces``)."""

@@ -112,49 +112,71 @@ def test_without_a_model_chat_says_how_to_get_one(tmp_path: Path) -> None:
     assert "'pulse-edge models import DIR'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_on_a_terminal_it_prompts_streams_and_quits(converted_tiny, ecg_png: Path, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
-    import os
-    import pty
-    import select
-    import subprocess
-    import sys
-    import time
+class Terminal:
+    """A pseudo-terminal for a child process: what it wrote so far, read until a marker shows."""
 
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "pulse_edge", "chat", str(ecg_png), "--model",
-                             str(converted_tiny.folder), "--max-tokens", "6"],
-                            stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "TERM": "dumb"})
-    os.close(slave)
-    seen = b""
+    def __init__(self) -> None:
+        import pty
 
-    def until(marker: bytes, timeout: float = 120) -> None:
-        nonlocal seen
+        self.master, self.slave = pty.openpty()
+        self.seen = b""
+
+    def started(self) -> None:
+        import os
+
+        os.close(self.slave)  # the child holds it now
+
+    def write(self, data: bytes) -> None:
+        import os
+
+        os.write(self.master, data)
+
+    def until(self, marker: bytes, start: int = 0, timeout: float = 120) -> int:
+        """Read until ``marker`` shows after ``start``; the position after it (fails after ``timeout`` s)."""
+        import os
+        import select
+        import time
+
         deadline = time.monotonic() + timeout
-        while marker not in seen:
-            assert time.monotonic() < deadline, seen.decode(errors="replace")
-            if select.select([master], [], [], 1)[0]:
+        while marker not in self.seen[start:]:
+            assert time.monotonic() < deadline, self.seen.decode(errors="replace")
+            if select.select([self.master], [], [], 1)[0]:
                 try:
-                    seen += os.read(master, 4096)
+                    self.seen += os.read(self.master, 4096)
                 except OSError:  # the child closed the terminal
                     break
+        return self.seen.index(marker, start) + len(marker)
 
+    def close(self) -> None:
+        import os
+
+        os.close(self.master)
+
+
+def test_on_a_terminal_it_prompts_streams_and_quits(converted_tiny, ecg_png: Path, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    term = Terminal()
+    proc = subprocess.Popen([sys.executable, "-m", "pulse_edge", "chat", str(ecg_png), "--model",
+                             str(converted_tiny.folder), "--max-tokens", "6"],
+                            stdin=term.slave, stdout=term.slave, stderr=term.slave, env={**os.environ, "TERM": "dumb"})
+    term.started()
     try:
-        until(b"/help lists the commands.")
-        until(b"> ")
-        start = len(seen)
-        os.write(master, f"{QUESTIONS[0]}\n".encode())
-        until(expected[0].encode())
-        until(b"> ", 60)
-        os.write(master, b"/quit\n")
+        start = term.until(b"> ", term.until(b"/help lists the commands."))
+        term.write(f"{QUESTIONS[0]}\n".encode())
+        term.until(b"> ", term.until(expected[0].encode(), start), timeout=60)
+        term.write(b"/quit\n")
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-        os.close(master)
-    text = seen.decode(errors="replace").replace("\r\n", "\n")
+        term.close()
+    text = term.seen.decode(errors="replace").replace("\r\n", "\n")
     assert f"Reading {ecg_png} ..." in text and "Ready (2304 image tokens" in text
     assert f"[{DISCLAIMER}]" in text
-    assert expected[0] in seen[start:].decode(errors="replace")  # the streamed answer, after the question
+    assert expected[0] in term.seen[start:].decode(errors="replace")  # the streamed answer, after the question
 
 
 # The CLI with each sampled token slowed down, so that a Ctrl-C lands while an answer is being written; it says
@@ -192,57 +214,40 @@ def unstopped(converted_tiny, ecg_png: Path) -> str:  # type: ignore[no-untyped-
 def test_ctrl_c_on_a_terminal_stops_the_answer_not_the_chat(converted_tiny, ecg_png: Path, unstopped: str) -> None:  # type: ignore[no-untyped-def]
     import fcntl
     import os
-    import pty
-    import select
     import subprocess
     import sys
     import termios
-    import time
 
-    master, slave = pty.openpty()
+    term = Terminal()
     # A session of its own with the pty as its terminal: a typed Ctrl-C (\x03) then sends it SIGINT.
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "chat", str(ecg_png), "--model",
                              str(converted_tiny.folder), "--max-tokens", "40"],
-                            stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "TERM": "dumb"},
+                            stdin=term.slave, stdout=term.slave, stderr=term.slave, env={**os.environ, "TERM": "dumb"},
                             start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
-    os.close(slave)
-    seen = b""
-
-    def until(marker: bytes, start: int = 0, timeout: float = 120) -> int:
-        """Read until ``marker`` shows after ``start``; the position after it."""
-        nonlocal seen
-        deadline = time.monotonic() + timeout
-        while marker not in seen[start:]:
-            assert time.monotonic() < deadline, seen.decode(errors="replace")
-            if select.select([master], [], [], 1)[0]:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:  # the child closed the terminal
-                    break
-        return seen.index(marker, start) + len(marker)
-
+    term.started()
+    until = term.until
     try:
         at = until(b"> ", until(b"/help lists the commands."))
-        os.write(master, f"{STOPPED}\n".encode())
+        term.write(f"{STOPPED}\n".encode())
         at = until(b"[sampling]", at)
-        os.write(master, b"\x03")
+        term.write(b"\x03")
         at = until(b"> ", until(b"(answer stopped)", at))
-        os.write(master, f"{ASKED}\n".encode())
+        term.write(f"{ASKED}\n".encode())
         at = until(b"> ", until(unstopped.encode(), at))
-        os.write(master, b"/history\n")
+        term.write(b"/history\n")
         history = at
         at = until(b"> ", until(f"A: {unstopped}".encode(), at))
-        history_text = seen[history:at].decode(errors="replace")
-        os.write(master, b"\x03")  # at the prompt: a new prompt, as in a Python REPL
+        history_text = term.seen[history:at].decode(errors="replace")
+        term.write(b"\x03")  # at the prompt: a new prompt, as in a Python REPL
         at = until(b"> ", at)
-        os.write(master, b"\x04")  # Ctrl-D on an empty line ends the chat
+        term.write(b"\x04")  # Ctrl-D on an empty line ends the chat
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-        os.close(master)
+        term.close()
     assert f"Q: {ASKED}" in history_text and STOPPED not in history_text
-    assert b"Interrupted." not in seen and b"Traceback" not in seen
+    assert b"Interrupted." not in term.seen and b"Traceback" not in term.seen
 
 
 def test_ctrl_c_with_piped_questions_ends_the_chat(converted_tiny, ecg_png: Path) -> None:  # type: ignore[no-untyped-def]

@@ -58,6 +58,14 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+def with_presets(questions: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The user's own ``questions``, then the :data:`PRESETS` named by ``names`` (each once, in the order given)."""
+    for name in names:
+        if name not in PRESETS:
+            raise PulseEdgeError(f"Unknown --ask {name!r}; choose from {', '.join(PRESETS)}.")
+    return [*questions, *(PRESETS[name].question for name in dict.fromkeys(names))]
+
+
 LETTERS = "ABCDEFGH"  # ECGBench's multiple-choice items have up to 8 options
 
 

@@ -289,3 +289,14 @@ def test_force_starts_over_with_a_private_file(converted_tiny, tmp_path: Path) -
     both = run_cli("batch", bad, "--out", out, "--force", "--resume", "--model", converted_tiny.folder)
     assert (both.code, both.stderr.strip()) == (
         1, "Error: --resume continues an output and --force starts it over: pass only one of them.")
+
+
+def test_ask_puts_the_preset_questions_after_the_own_ones(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pulse_edge.questions import PRESETS
+
+    out = tmp_path / "out.jsonl"
+    result = run_cli("batch", _image(tmp_path / "a.png", 0), "--out", out, "--model", converted_tiny.folder, *FAST,
+                     "-q", "Rate?", "--ask", "report")
+    assert result.code == 0, result.stderr
+    (record,) = _records(out)
+    assert [a["question"] for a in record["answers"]] == ["Rate?", PRESETS["report"].question]

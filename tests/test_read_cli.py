@@ -97,6 +97,22 @@ def test_the_default_question_and_report_are_worded_as_in_ecgbench(converted_tin
         "Rate?", "Please write a clinical report based on this ECG image."]
 
 
+def test_ask_adds_presets_in_ecgbench_wording_after_the_own_questions(converted_tiny, ecg_png: Path) -> None:  # type: ignore[no-untyped-def]
+    from pulse_edge.questions import PRESETS
+
+    result = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--max-tokens", "1", "--json", "-q", "Rate?",
+                     "--ask", "rhythm", "--ask", "normal", "--report", "--ask", "rhythm")
+    assert result.code == 0, result.stderr
+    assert [a["question"] for a in json.loads(result.stdout)["answers"]] == [
+        "Rate?", "What is the rhythm shown in this ECG?",
+        "Classify the ECG as normal or abnormal. Provide NORM or ABNORMAL as the output.",
+        PRESETS["report"].question]  # each preset once; --report is --ask report
+    unknown = run_cli("read", ecg_png, "--model", converted_tiny.folder, "--ask", "rythm")
+    assert (unknown.code, unknown.stdout) == (1, "")
+    assert unknown.stderr.strip() == ("Error: Unknown --ask 'rythm'; choose from interpretation, report, rhythm, "
+                                      "normal, classes.")
+
+
 def test_missing_file_and_usage_errors(converted_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     missing = tmp_path / "nope.png"
     result = run_cli("read", missing, "--model", converted_tiny.folder)

@@ -46,6 +46,7 @@ def batch_command(
         typer.Option("--question", "-q", help="Question to ask about every page; repeat for several. "
                                               f"[default: {DEFAULT_QUESTION}]"),
     ] = None,
+    ask: options.Ask = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Look into subfolders.")] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue OUT: skip pages already read with this model, questions and "
@@ -76,6 +77,7 @@ def batch_command(
     """
     from pulse_edge.batch import open_batch
     from pulse_edge.cli import EXIT_BATCH_FAILED, EXIT_INTERRUPTED
+    from pulse_edge.questions import with_presets
     from pulse_edge.reader import Generation
 
     parts = _shard(shard)
@@ -83,9 +85,10 @@ def batch_command(
     generation = Generation(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     read = failed = 0
     try:
-        with open_batch(inputs, out=out, csv=csv, questions=question or [], recursive=recursive, resume=resume,
-                        shard=parts, model=model, quant=quant, generation=generation, threads=threads,
-                        gpu_layers=gpu_layers, kv_type=kv_cache, page=page, force=force) as batch:
+        with open_batch(inputs, out=out, csv=csv, questions=with_presets(question or [], ask or []),
+                        recursive=recursive, resume=resume, shard=parts, model=model, quant=quant,
+                        generation=generation, threads=threads, gpu_layers=gpu_layers, kv_type=kv_cache, page=page,
+                        force=force) as batch:
             progress = Progress(TextColumn("Reading"), BarColumn(), MofNCompleteColumn(), _SecondsPerItem(),
                                 TimeRemainingColumn(), console=console, disable=not console.is_terminal)
             try:

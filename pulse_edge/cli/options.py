@@ -21,3 +21,9 @@ KvCache = Annotated[
     typer.Option("--kv-cache", help="KV cache: auto (as precise as the weights: f32 for F32, f16 for F16/BF16, 8-bit "
                                     "keys for quantised ones), f32, f16, or q8_0 (8-bit keys, f16 values)."),
 ]
+Ask = Annotated[
+    list[str] | None,
+    typer.Option("--ask", metavar="NAME", help="A question in PULSE's own ECGBench wording (repeat for several): "
+                                               "interpretation, report, rhythm, normal (normal or abnormal), classes "
+                                               "(CPSC's 9 classes); the wordings are in pulse_edge/questions.py."),
+]

@@ -18,7 +18,8 @@ def read_command(
     question: Annotated[
         list[str] | None, typer.Option("--question", "-q", help="A question (repeat for several; the image is read once).")
     ] = None,
-    report: Annotated[bool, typer.Option("--report", help="Ask PULSE for a full report.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Ask PULSE for a full report (--ask report).")] = False,
+    ask: options.Ask = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
     model: options.Model = None,
     quant: options.Quant = None,
@@ -33,20 +34,17 @@ def read_command(
 ) -> None:
     """Read ECG images with PULSE and answer questions about them.
 
-    Without --question, PULSE gives its standard interpretation. Answers stream to stdout as they
+    Without --question or --ask, PULSE gives its standard interpretation. Answers stream to stdout as they
     are generated on a terminal. Research model output, not a medical device: a clinician must
     over-read every ECG.
     """
     from pulse_edge.inputs import load
     from pulse_edge.model import resolve
     from pulse_edge.prompt import check_questions
-    from pulse_edge.questions import DEFAULT_QUESTION, REPORT_QUESTION
+    from pulse_edge.questions import DEFAULT_QUESTION, with_presets
     from pulse_edge.reader import DISCLAIMER, Generation, Reader
 
-    questions = list(question or [])
-    if report:
-        questions.append(REPORT_QUESTION)
-    questions = questions or [DEFAULT_QUESTION]
+    questions = with_presets(question or [], [*(ask or []), *(["report"] if report else [])]) or [DEFAULT_QUESTION]
     check_questions(questions)  # before loading a 4 GB model (prompt building checks them again)
     generation = Generation(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     for path in images:  # fail before loading a 4 GB model for a typo

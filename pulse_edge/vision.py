@@ -332,7 +332,8 @@ class VisionEncoder:
 
     def __init__(self, config: VisionConfig, weights: Mapping[str, np.ndarray], params: ImageParams,
                  source: str = "<memory>", threads: int | None = None) -> None:
-        """``weights`` uses the mmproj tensor names (float32 or anything castable); they are copied.
+        """``weights`` uses the mmproj tensor names (float32 or anything castable). Vectors are copied; float16 and
+        float32 matrices are kept as given (views of the file's memory map, from ``from_gguf``) and only read.
 
         ``threads``: worker threads for attention and elementwise work (default: the CPUs this process may use).
         """

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from pulse_edge.errors import ImageError, PulseEdgeError
 from pulse_edge.inputs import PathLike, count_pages, iter_pages, scan_inputs
-from pulse_edge.llm import KV_AUTO, auto_kv_type
+from pulse_edge.llm import gguf_file_type, resolve_kv_type
 from pulse_edge.model import ModelFiles, resolve
 from pulse_edge.prompt import check_questions
 from pulse_edge.questions import DEFAULT_QUESTION
@@ -356,7 +356,7 @@ def _done(path: Path, handle: int, files: ModelFiles, questions: list[str], gene
     done: _Done = {}
     wanted_model = (files.language_model_sha256, files.mmproj_sha256)
     wanted_parameters = asdict(generation)
-    wanted_kv = auto_kv_type(files.quant) if kv_type == KV_AUTO else kv_type
+    wanted_kv = resolve_kv_type(kv_type, gguf_file_type(files.language_model))  # as LanguageModel resolves it
     end = 0
     with open(os.dup(handle), "rb") as stream:  # a duplicate: closing it keeps our descriptor (and lock)
         stream.seek(0)

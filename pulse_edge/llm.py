@@ -43,6 +43,24 @@ def auto_kv_type(weights: str) -> str:
     return {"F32": "f32", "F16": "f16", "BF16": "f16"}.get(weights.upper(), "q8_0")
 
 
+def resolve_kv_type(kv_type: str, file_type: int) -> str:
+    """``kv_type`` with "auto" resolved for weights of GGUF ``general.file_type`` ``file_type`` (-1: unknown).
+
+    The one rule for both the loaded model and ``batch --resume``'s matching of earlier records.
+    """
+    if kv_type not in (*KV_TYPES, KV_AUTO):
+        raise InferenceError(f"KV cache type {kv_type!r} is not one of {', '.join((KV_AUTO, *KV_TYPES))}.")
+    return auto_kv_type(UNQUANTISED.get(file_type, "quantised")) if kv_type == KV_AUTO else kv_type
+
+
+def gguf_file_type(path: Path) -> int:
+    """A GGUF's ``general.file_type`` from its header (-1 when the key is absent), without loading the model."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    return int(field.contents()) if field is not None else -1
+
+
 def physical_cores() -> int:
     """Physical cores (hyper-threads share one core's arithmetic units, so llama.cpp gains nothing from them)."""
     try:
@@ -123,12 +141,7 @@ class LanguageModel:
         self.legacy = self.metadata("pulse.tokenizer.legacy", "true") == "true"
         self.threads = threads or physical_cores()
         self.gpu_layers = int(mparams.n_gpu_layers)
-        if kv_type not in (*KV_TYPES, KV_AUTO):
-            raise InferenceError(f"KV cache type {kv_type!r} is not one of {', '.join((KV_AUTO, *KV_TYPES))}.")
-        if kv_type == KV_AUTO:
-            file_type = int(self.metadata("general.file_type", "-1"))
-            kv_type = auto_kv_type(UNQUANTISED.get(file_type, "quantised"))
-        self.kv_type = kv_type
+        self.kv_type = resolve_kv_type(kv_type, int(self.metadata("general.file_type", "-1")))
         self.flash_attn = flash_attn
         self.n_batch = n_batch
         self.ctx: Any = None

@@ -259,3 +259,18 @@ def test_on_a_cpu_the_vision_weights_and_the_kv_cache_are_never_held_together(co
     finally:
         lean.close()
         kept.close()
+
+
+def test_auto_kv_cache_follows_the_weights_in_the_file(converted_tiny) -> None:  # type: ignore[no-untyped-def]
+    """One rule, one source (the GGUF's general.file_type): the loaded model and batch --resume agree."""
+    from pulse_edge.llm import LanguageModel, gguf_file_type, resolve_kv_type
+
+    for quant, expected in (("F32", "f32"), ("F16", "f16"), ("Q8_0", "q8_0")):
+        path = resolve(converted_tiny.folder, quant).language_model
+        assert resolve_kv_type("auto", gguf_file_type(path)) == expected
+        llm = LanguageModel(path, vocab_only=True)
+        try:
+            assert llm.kv_type == expected
+        finally:
+            llm.close()
+    assert resolve_kv_type("f16", 0) == "f16"  # an explicit choice stands

@@ -30,8 +30,10 @@ def test_numpy_fallback_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     out = np.empty((2, ALL_F16.size), dtype=np.float32)
     native.widen_f16(np.stack([ALL_F16, -ALL_F16]), out)
     np.testing.assert_array_equal(out, np.stack([ALL_F16, -ALL_F16]).astype(np.float32))
-    with pytest.raises(ValueError, match="C-contiguous"):
+    with pytest.raises(ValueError, match="C-contiguous float16 and float32"):
         native.widen_f16(ALL_F16[::2], out[0, ::2])
+    with pytest.raises(ValueError, match="C-contiguous float16 and float32"):
+        native.widen_f16(ALL_F16.astype(np.float32), out[0])  # would be read as pairs of float16 values
 
 
 def test_exp_is_numpys_within_its_stated_ulps_with_the_same_limits() -> None:

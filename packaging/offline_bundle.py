@@ -16,7 +16,6 @@ Copy OUT to the offline machine and run ``sh install.sh [VENV]`` (Windows: see p
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import subprocess
@@ -26,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pulse_edge.manifest import sha256_file  # noqa: E402 - the checkout's own, before pulse-edge is installed
 
 INSTALL_SH = """#!/bin/sh
 # Installs pulse-edge from the wheels beside this script; the package index is never contacted.
@@ -40,14 +42,6 @@ echo "Installed: $venv/bin/pulse-edge. Check it with: $venv/bin/pulse-edge docto
 """
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build(out: Path) -> list[Path]:
     """Wheels for pulse-edge and every runtime dependency, into ``out/wheels``."""
     wheels = out / "wheels"
@@ -57,7 +51,7 @@ def build(out: Path) -> list[Path]:
 
 
 def write_bundle(out: Path, wheels: list[Path]) -> None:
-    sums = "".join(f"{sha256(w)}  wheels/{w.name}\n" for w in wheels)
+    sums = "".join(f"{sha256_file(w)}  wheels/{w.name}\n" for w in wheels)
     (out / "SHA256SUMS").write_text(sums, encoding="utf-8")
     (out / "bundle.json").write_text(json.dumps({
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

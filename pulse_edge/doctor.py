@@ -64,11 +64,12 @@ CPU_FLAGS = {
 SPEED_FEATURES = ("AVX2", "FMA", "F16C", "AVX512", "NEON", "DOTPROD")
 
 # Memory for one reading. Measured peak RSS for 7B Q4_K_M at a 4,096-position context (2,880 image tokens +
-# 128 new tokens; benchmarks/README.md): 5.89 GiB with the default cache (8-bit keys for quantised weights),
-# 6.35 GiB with an f16 one. It is the language model (memory-mapped, 3.85 GiB), the KV cache, and ~0.3 GiB of
-# compute buffers and working memory; the vision encoder is loaded only while no KV cache exists. The estimate
-# below is an upper bound: both files, an f16 cache at the model's full context, and 0.5 GiB.
-MEASURED_7B_Q4_K_M_PEAK = int(5.89 * GIB)
+# 128 new tokens; benchmarks/README.md, results/engine_7b_q4km_vision_fast.json): 5.83 GiB with the default cache
+# (8-bit keys for quantised weights), 6.31 GiB with an f16 one. It is the language model (memory-mapped, 3.85 GiB),
+# the KV cache, and ~0.3 GiB of compute buffers and working memory; the vision encoder is mapped only while no KV
+# cache exists. The estimate below is an upper bound: both files, an f16 cache at the model's full context, and
+# 0.5 GiB.
+MEASURED_7B_Q4_K_M_PEAK = int(5.83 * GIB)
 WORKING_MEMORY = GIB // 2
 KV_BYTES = 2  # float16 keys and values ('read' default)
 # Free disk below which importing PULSE-7B Q4_K_M (4.1 GB language model + 0.6 GB mmproj) will not fit.
@@ -317,7 +318,6 @@ def _store_model(model: Any) -> StoreModel:
     )
 
 
-
 @dataclass(frozen=True)
 class _Shape:
     """What the memory estimate needs from the default model."""
@@ -460,7 +460,7 @@ def _disk_check(folder: Path, free: int, have_model: bool) -> Check:
 
 def _model_check(models: Sequence[StoreModel], default: str | None, store: Path, problem: str,
                  shape: _Shape | None, selftest: bool) -> Check:
-    from pulse_edge.model import HOW_TO_GET_ONE
+    from pulse_edge.model import HOW_TO_GET_ONE, import_again
 
     others = [m for m in models if not m.is_default]
     listed = ", ".join(m.name for m in models)
@@ -476,7 +476,7 @@ def _model_check(models: Sequence[StoreModel], default: str | None, store: Path,
         return Check("model", FAIL, f"the default model {default!r} is not in the store ({store}; it has {listed})",
                      f"Choose another with 'pulse-edge models default NAME', or import it again with "
                      f"'pulse-edge models import DIR --name {default}'.")
-    again = f"import it again with 'pulse-edge models import DIR --name {default} --force'"
+    again = import_again(default)
     if problem:
         return Check("model", FAIL, f"{default} (default): {problem}",
                      f"Check it with 'pulse-edge models verify {default}', then {again}.")

@@ -28,19 +28,13 @@ log = logging.getLogger(__name__)
 # ensure_context). It saves a quarter of the cache (0.47 GiB at 4,096 positions for a 7B).
 KV_TYPES = {"f32": (0, 0), "f16": (1, 1), "q8_0": (8, 1)}
 KV_AUTO = "auto"
-# general.file_type values of unquantised weights (llama_ftype ALL_F32, MOSTLY_F16, MOSTLY_BF16)
-UNQUANTISED = {0: "F32", 1: "F16", 32: "BF16"}
-
-
-def auto_kv_type(weights: str) -> str:
-    """The KV cache for weights of type ``weights`` (a quant name): as precise as the weights, at most f32.
-
-    F32 weights get an exact f32 cache, F16/BF16 an f16 one; quantised weights get 8-bit keys, whose rounding
-    is far below the weights' own (measured on the tiny model after ~2,900 image positions: Q8_0 weights, the
-    finest quantisation, move the first-token logits by 0.13, 8-bit keys by 0.004; tests/test_reader_parity.py)
-    and which save 0.47 GiB for a 7B at 4,096 positions.
-    """
-    return {"F32": "f32", "F16": "f16", "BF16": "f16"}.get(weights.upper(), "q8_0")
+# "auto": the KV cache as precise as the weights, at most f32, by GGUF general.file_type (llama_ftype ALL_F32,
+# MOSTLY_F16, MOSTLY_BF16); quantised weights get 8-bit keys, whose rounding is far below the weights' own (measured
+# on the tiny model after ~2,900 image positions: Q8_0 weights, the finest quantisation, move the first-token
+# logits by 0.13, 8-bit keys by 0.004; tests/test_reader_parity.py) and which save 0.47 GiB for a 7B at 4,096
+# positions.
+AUTO_KV = {0: "f32", 1: "f16", 32: "f16"}
+QUANTISED_KV = "q8_0"
 
 
 def resolve_kv_type(kv_type: str, file_type: int) -> str:
@@ -50,7 +44,7 @@ def resolve_kv_type(kv_type: str, file_type: int) -> str:
     """
     if kv_type not in (*KV_TYPES, KV_AUTO):
         raise InferenceError(f"KV cache type {kv_type!r} is not one of {', '.join((KV_AUTO, *KV_TYPES))}.")
-    return auto_kv_type(UNQUANTISED.get(file_type, "quantised")) if kv_type == KV_AUTO else kv_type
+    return AUTO_KV.get(file_type, QUANTISED_KV) if kv_type == KV_AUTO else kv_type
 
 
 def gguf_file_type(path: Path) -> int:

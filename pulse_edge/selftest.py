@@ -126,7 +126,9 @@ def convert_model(checkpoint: Path, tower: Path, out: Path) -> str:
 def checkpoint_hashes(checkpoint: Path) -> dict[str, str]:
     """SHA-256 of the checkpoint's weight shards and tokenizer, by file name."""
     files = sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "tokenizer.model"]
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    from pulse_edge.manifest import sha256_file
+
+    return {f.name: sha256_file(f) for f in files}
 
 
 def ecg_file() -> Path:

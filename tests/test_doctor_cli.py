@@ -104,7 +104,7 @@ def test_a_truncated_model_file_fails_with_what_to_do(imported: Path) -> None:
                       f"incomplete or damaged; import the model again with 'pulse-edge models import DIR --name {NAME} "
                       "--force'.")
     assert what_to_do(result.stdout, "model") == (
-        f"Check it with 'pulse-edge models verify {NAME}', then import it again with 'pulse-edge models import DIR "
+        f"Check it with 'pulse-edge models verify {NAME}', then import the model again with 'pulse-edge models import DIR "
         f"--name {NAME} --force'.")
 
 

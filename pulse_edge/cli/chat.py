@@ -14,6 +14,7 @@ import typer
 from pulse_edge.cli import options
 from pulse_edge.cli.render import stderr, stdout
 from pulse_edge.errors import PulseEdgeError
+from pulse_edge.reader import DEFAULT_MAX_TOKENS
 
 COMMANDS = {
     "/reset": "forget the questions and answers so far (the image stays read)",
@@ -49,7 +50,7 @@ def chat_command(
     quant: options.Quant = None,
     page: Annotated[int | None, typer.Option(min=1, help="Page of a PDF/TIFF/DICOM (1-based) [default: the only one].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per answer on stdout.")] = False,
-    max_tokens: options.MaxTokens = 1024,
+    max_tokens: options.MaxTokens = DEFAULT_MAX_TOKENS,
     temperature: options.Temperature = 0.0,
     top_p: options.TopP = 1.0,
     seed: options.Seed = 0,

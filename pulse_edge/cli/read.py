@@ -11,6 +11,7 @@ import typer
 from pulse_edge.cli import options
 from pulse_edge.cli.render import stderr, stdout
 from pulse_edge.errors import PulseEdgeError
+from pulse_edge.reader import DEFAULT_MAX_TOKENS
 
 
 def read_command(
@@ -24,7 +25,7 @@ def read_command(
     model: options.Model = None,
     quant: options.Quant = None,
     page: Annotated[int | None, typer.Option(min=1, help="Page of a PDF/TIFF/DICOM (1-based) [default: all].")] = None,
-    max_tokens: options.MaxTokens = 1024,
+    max_tokens: options.MaxTokens = DEFAULT_MAX_TOKENS,
     temperature: options.Temperature = 0.0,
     top_p: options.TopP = 1.0,
     seed: options.Seed = 0,
